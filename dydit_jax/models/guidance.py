@@ -1,0 +1,34 @@
+"""Classifier-free guidance with the official DiT semantics (shared/reference/dit.md §4.2).
+
+The batch is doubled: rows [0, N) carry the class labels, rows [N, 2N) the null class. As in the
+official `forward_with_cfg`, only the first half of `x` is used (duplicated), and guidance is applied
+to the first `guided_channels` output channels. The default 3 is the legacy GLIDE leftover the
+published FIDs (DiT 2.27, DyDiT 2.07) depend on; pass the number of latent channels (4) for standard
+guidance. Unguided channels and the learned variance come from each half's own prediction, so the
+conditional half (the one samplers keep) uses conditional values.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LEGACY_GUIDED_CHANNELS = 3
+
+
+def forward_with_cfg(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], x: jax.Array,
+                     t: jax.Array, y: jax.Array, cfg_scale: float,
+                     guided_channels: int = LEGACY_GUIDED_CHANNELS) -> jax.Array:
+  """model_fn(x, t, y) -> (2N,H,W,C_out) NHWC; returns the guided output for the doubled batch."""
+  half = x[: x.shape[0] // 2]
+  out = model_fn(jnp.concatenate([half, half], axis=0), t, y)
+  eps, rest = out[..., :guided_channels], out[..., guided_channels:]
+  cond, uncond = jnp.split(eps, 2, axis=0)
+  guided = uncond + cfg_scale * (cond - uncond)
+  return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+
+
+def cfg_labels(labels: jax.Array, num_classes: int) -> jax.Array:
+  """[labels, null, ..., null]: the label half-batch followed by as many null-class rows."""
+  return jnp.concatenate([labels, jnp.full_like(labels, num_classes)])

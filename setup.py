@@ -1,0 +1,29 @@
+"""dydit_jax: Dynamic Diffusion Transformers (DyDiT) in JAX / Flax NNX."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2",
+    "orbax-checkpoint>=0.11",
+    "ml_collections>=1.0",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "pillow>=10.0",
+    "matplotlib>=3.8",
+]
+TORCH = ["torch==2.13.0"]
+
+setup(
+    name="dydit_jax",
+    version="0.1.0",
+    description="DiT and Dynamic Diffusion Transformers (DyDiT) in JAX / Flax NNX with real dynamic speedups",
+    packages=find_packages(include=["dydit_jax", "dydit_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "convert": TORCH,
+        "test": TORCH + ["pytest>=8", "pytest-timeout>=2"],
+    },
+)
