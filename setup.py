@@ -28,7 +28,7 @@ setup(
     version="0.1.0",
     description="DiT and Dynamic Diffusion Transformers (DyDiT) in JAX / Flax NNX with real dynamic speedups",
     packages=find_packages(include=["dydit_jax", "dydit_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
         "convert": TORCH,
