@@ -1,0 +1,129 @@
+"""Ancestral DDPM and DDIM sampling as single traceable loops.
+
+Each sampler is one `jax.lax.scan` over the chain's steps (last index first) with
+explicit PRNG keys and no jit of its own: the caller jits the whole sampler with the
+model state as an argument, e.g.
+
+  @nnx.jit
+  def sample(model, noise, y, key):
+    return ddpm_sample(lambda x, t: model(x, t, y), diffusion, noise, key)
+
+so one compiled program runs all steps and parameters are not baked in as constants.
+`diffusion` is closed over (it is static). `model_fn(x, t)` always receives the
+ORIGINAL-chain timesteps (int32, shape (B,)), e.g. 999, 995, ..., 0 for "250".
+
+Both samplers return the final x_0-space sample in float32 (or the noise's dtype if
+wider): the step at t = 0 adds no noise.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dydit_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, compute_dtype
+
+# step_fn(x, t, noise) -> (x_prev, pred_xstart); t are indices of the (spaced) chain.
+StepFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple]
+
+
+def sampling_timesteps(diffusion: GaussianDiffusion) -> np.ndarray:
+  """Original-chain timesteps the model sees, in sampling order (int32, descending).
+
+  Entry i is the timestep of scan step i of `ddpm_sample` / `ddim_sample`, e.g.
+  [999, 995, ..., 4, 0] for a "250" chain; lets planners precompute per-step work.
+  """
+  return diffusion.timestep_map[::-1].copy()
+
+
+def _nonzero_mask(t, x):
+  """1 where t > 0, 0 at the last step (no noise there); shaped to broadcast on x."""
+  return (t != 0).astype(x.dtype).reshape(t.shape + (1,) * (x.ndim - t.ndim))
+
+
+def ddpm_step(model_fn: ModelFn, diffusion: GaussianDiffusion, x, t, noise,
+              clip_denoised: bool = False):
+  """One ancestral step x_t -> x_{t-1} = mean + [t > 0] exp(0.5 log_var) noise.
+
+  Args:
+    model_fn: model_fn(x, t_original) -> (B, H, W, 2C) output.
+    diffusion: the (possibly respaced) chain.
+    x: x_t, (B, H, W, C).
+    t: (B,) int indices of the chain.
+    noise: standard Gaussian noise shaped like x.
+    clip_denoised: clamp the x_0 prediction to [-1, 1].
+
+  Returns:
+    (x_{t-1}, pred_xstart).
+  """
+  out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)
+  sample = out["mean"] + _nonzero_mask(t, x) * jnp.exp(0.5 * out["log_variance"]) * noise
+  return sample, out["pred_xstart"]
+
+
+def ddim_step(model_fn: ModelFn, diffusion: GaussianDiffusion, x, t, noise,
+              eta: float = 0.0, clip_denoised: bool = False):
+  """One DDIM step (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 ~ DDPM.
+
+  eps is re-derived from the (optionally clipped) x_0 prediction; a learned variance
+  is ignored. Arguments as `ddpm_step`. Returns (x_{t-1}, pred_xstart).
+  """
+  out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)
+  pred_xstart = out["pred_xstart"]
+  eps = diffusion.predict_eps_from_xstart(x, t, pred_xstart)
+  alpha_bar = diffusion.extract(diffusion.alphas_cumprod, t, x)
+  alpha_bar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x)
+  sigma = (eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+           * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev))
+  mean = pred_xstart * jnp.sqrt(alpha_bar_prev) + jnp.sqrt(1.0 - alpha_bar_prev - sigma ** 2) * eps
+  return mean + _nonzero_mask(t, x) * sigma * noise, pred_xstart
+
+
+def _sample_loop(step_fn: StepFn, diffusion: GaussianDiffusion, noise, key):
+  """Scans step_fn over indices T-1 .. 0, drawing each step's noise from its own key."""
+  x = noise.astype(compute_dtype(noise))
+  num_steps = diffusion.num_timesteps
+  indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
+  keys = jax.random.split(key, num_steps)
+
+  def body(x, step):
+    index, step_key = step
+    t = jnp.full((x.shape[0],), index, dtype=jnp.int32)
+    z = jax.random.normal(step_key, x.shape, x.dtype)
+    x, _ = step_fn(x, t, z)
+    return x, None
+
+  x, _ = jax.lax.scan(body, x, (indices, keys))
+  return x
+
+
+def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise, key,
+                clip_denoised: bool = False):
+  """Ancestral sampling from x_T = `noise` through every step of `diffusion`.
+
+  Args:
+    model_fn: model_fn(x, t_original) -> (B, H, W, 2C) output.
+    diffusion: the (possibly respaced) chain; DiT samples with "250".
+    noise: x_T, (B, H, W, C).
+    key: PRNG key for the per-step noise.
+    clip_denoised: clamp x_0 predictions to [-1, 1] (DiT: False).
+
+  Returns:
+    x_0 samples, (B, H, W, C).
+  """
+  def step(x, t, z):
+    return ddpm_step(model_fn, diffusion, x, t, z, clip_denoised=clip_denoised)
+  return _sample_loop(step, diffusion, noise, key)
+
+
+def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise, key,
+                eta: float = 0.0, clip_denoised: bool = False):
+  """DDIM sampling from x_T = `noise`; `key` only matters when eta > 0.
+
+  Arguments as `ddpm_sample`, plus `eta` (0 = deterministic DDIM). Returns x_0 samples.
+  """
+  def step(x, t, z):
+    return ddim_step(model_fn, diffusion, x, t, z, eta=eta, clip_denoised=clip_denoised)
+  return _sample_loop(step, diffusion, noise, key)
