@@ -17,6 +17,7 @@ CORE = [
     "grain>=0.2.10",
     "array_record>=0.5",
     "tensorflow-datasets>=4.9",
+    "importlib_resources",  # needed by tfds through etils.epath, not declared by it
     # Logging: clu's metric writers import TensorFlow; kept out of model/engine/bench import paths.
     "clu>=0.0.12",
     "tensorflow-cpu>=2.16",
