@@ -1,0 +1,180 @@
+"""One DyDiT block computed sparsely: sliced heads, sliced MLP groups, compacted MLP tokens.
+
+Equal, up to float rounding, to the masked eval-mode block of `dydit_jax.models.dit.DiTBlock`:
+
+- attention: only the open heads' q/k/v columns (with bias) and `proj` rows are used. A masked head's
+  output is zero before `proj`, so dropping it changes nothing; with no open head the branch is `proj`'s
+  bias alone.
+- MLP: only the open groups' fc1 columns (with bias) and fc2 rows. The official mask multiplies the fc1
+  output before GELU and GELU(0) = 0, so a closed group contributes nothing to fc2.
+- tokens: the token router (on the residual after attention, float32) picks rows; they are compacted
+  into a buffer of static capacity (one cumsum for destinations, one small int scatter to list the
+  sources, then gathers), the MLP runs on the buffer, and each routed token gathers its row back.
+  Skipped tokens keep the residual. Gathers instead of activation scatters: measured faster on GPU
+  (shared/design.md §4).
+
+Widths come from the plan tables (bucket id = which compiled capacity); the token capacity is chosen
+from the routed count at run time. Both choices are `lax.switch` branches of static shape, built here
+by `attention_branches` / `mlp_branches` (also used by `engine.cost` to cost each branch alone).
+Padded slots (capacity > open units) hold closed units and are zeroed on the weight side (their
+`proj` / fc2 rows), which costs weights-sized work, not activations-sized.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dydit_jax.engine.buckets import token_caps
+from dydit_jax.models import layers
+from dydit_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Static description of the compiled block variants (hashable: part of the jit cache key)."""
+
+  config: ModelConfig
+  dtype: str
+  attention_impl: str | None
+  head_caps: tuple[int, ...]
+  group_caps: tuple[int, ...]
+  token_buckets: int
+  token_fractions: tuple[float, ...] | None = None
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def _dot(x, w, b):
+  return jnp.dot(x, w) + b
+
+
+def _params(linear, dt):
+  """(kernel, bias) of an nnx.Linear in the compute dtype (no-op casts: the engine pre-casts them)."""
+  return linear.kernel[...].astype(dt), linear.bias[...].astype(dt)
+
+
+def _unit_slice(w_in, b_in, w_out, parts: int, unit_size: int, tables, cap: int, num_units: int, dt):
+  """The planned units of an in-projection / out-projection pair, as 2-D weights for `cap` units.
+
+  The in-projection's outputs are [parts] x units x unit_size (qkv: 3 x heads x head_dim; fc1:
+  1 x groups x group_size); the out-projection's rows are units x unit_size. Below full capacity the
+  first `cap` units of the plan's open-first order are gathered; out rows of closed or padded units
+  are zeroed (the plan mask at full capacity, the padded validity below it).
+  """
+  d = w_in.shape[0]
+  w_in = w_in.reshape(d, parts, num_units, unit_size)
+  b_in = b_in.reshape(parts, num_units, unit_size)
+  w_out = w_out.reshape(num_units, unit_size, -1)
+  if cap < num_units:
+    idx = tables["idx"][:cap]
+    w_in, b_in, w_out = jnp.take(w_in, idx, axis=2), jnp.take(b_in, idx, axis=1), jnp.take(w_out, idx, axis=0)
+  weight = tables["mask"] if cap == num_units else tables["valid"][:cap]
+  w_out = w_out * weight.astype(dt)[:, None, None]
+  return w_in.reshape(d, -1), b_in.reshape(-1), w_out.reshape(cap * unit_size, -1)
+
+
+def attention_branches(block, spec: BlockSpec, tables) -> list[Callable]:
+  """One branch per head capacity: h (B,N,D) compute dtype -> attention output (B,N,D) after proj."""
+  cfg, dt = spec.config, spec.compute_dtype
+  d, heads, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+  (qkv_k, qkv_b), (proj_k, proj_b) = _params(block.attn.qkv, dt), _params(block.attn.proj, dt)
+
+  def make(cap):
+    def branch(h):
+      b, n, _ = h.shape
+      if cap == 0:
+        return jnp.broadcast_to(proj_b, (b, n, d))
+      wq, bq, wp = _unit_slice(qkv_k, qkv_b, proj_k, 3, hd, tables, cap, heads, dt)
+      qkv = _dot(h, wq, bq).reshape(b, n, 3, cap, hd)
+      o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                       implementation=spec.attention_impl)
+      return _dot(o.reshape(b, n, cap * hd), wp, proj_b)
+    return branch
+
+  return [make(c) for c in spec.head_caps]
+
+
+def mlp_keys(spec: BlockSpec, rows: int):
+  """The distinct MLP computations for `rows` flattened tokens, and which one each bucket pair runs.
+
+  Returns (keys, ids (G, T) int32, tcaps): key "none" (no routed token), "bias" (no open group: the
+  output is fc2's bias) or (group capacity, token capacity); pairs computing the same thing share one.
+  """
+  tcaps = token_caps(rows, spec.token_buckets, spec.token_fractions)
+  keys, ids = [], np.zeros((len(spec.group_caps), len(tcaps)), np.int32)
+  for i, gcap in enumerate(spec.group_caps):
+    for j, tcap in enumerate(tcaps):
+      key = "none" if tcap == 0 else "bias" if gcap == 0 else (gcap, tcap)
+      if key not in keys:
+        keys.append(key)
+      ids[i, j] = keys.index(key)
+  return keys, ids, tcaps
+
+
+def mlp_branches(block, spec: BlockSpec, tables, rows: int) -> list[Callable]:
+  """One branch per `mlp_keys` entry: (h_flat (R,D) compute dtype, src (R,), dest (R,)) -> (R,D).
+
+  Row r of the result is the MLP output of flattened token r when r is routed (unrouted rows hold
+  garbage or zeros: the caller keeps routed rows only).
+  """
+  cfg, dt = spec.config, spec.compute_dtype
+  d, groups, gs = cfg.hidden_size, cfg.num_groups, cfg.group_size
+  (fc1_k, fc1_b), (fc2_k, fc2_b) = _params(block.mlp.fc1, dt), _params(block.mlp.fc2, dt)
+
+  def make(key):
+    def branch(h_flat, src, dest):
+      if key == "none":
+        return jnp.zeros((rows, d), dt)
+      if key == "bias":
+        return jnp.broadcast_to(fc2_b, (rows, d))
+      gcap, tcap = key
+      w1, b1, w2 = _unit_slice(fc1_k, fc1_b, fc2_k, 1, gs, tables, gcap, groups, dt)
+      x = h_flat if tcap == rows else jnp.take(h_flat, src[:tcap], axis=0)
+      y = _dot(layers.gelu_tanh(_dot(x, w1, b1)), w2, fc2_b)
+      return y if tcap == rows else jnp.take(y, jnp.clip(dest, 0, tcap - 1), axis=0)
+    return branch
+
+  return [make(key) for key in mlp_keys(spec, rows)[0]]
+
+
+def compact(keep: jax.Array):
+  """Flattened routing: (src, dest, count). src[:count] lists routed rows in order; a routed row r
+  finds its MLP result at buffer position dest[r]. One int cumsum and one int scatter."""
+  flat = keep.reshape(-1)
+  rows = flat.shape[0]
+  dest = jnp.cumsum(flat, dtype=jnp.int32) - 1
+  src = jnp.zeros((rows,), jnp.int32).at[jnp.where(flat, dest, rows)].set(
+      jnp.arange(rows, dtype=jnp.int32), mode="drop")
+  return src, dest, dest[-1] + 1
+
+
+def dynamic_block(block, spec: BlockSpec, tables, x: jax.Array, c: jax.Array):
+  """x (B,N,D) float32 residual, c (B,D) conditioning; tables = this layer's plan row.
+
+  Returns (x, kept (B,) int32 MLP-routed tokens per sample).
+  """
+  dt = spec.compute_dtype
+  b, n, d = x.shape
+  mods = block.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
+  shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
+
+  h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa).astype(dt)
+  attn = jax.lax.switch(tables["head"]["bucket"], attention_branches(block, spec, tables["head"]), h)
+  x = x + gate_msa[:, None] * attn.astype(jnp.float32)
+
+  keep = block.token_selection(x, train=False, key=None, tau=1.0) > 0.5      # (B, N), float32 router
+  src, dest, count = compact(keep)
+  h = layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp).astype(dt).reshape(b * n, d)
+  _, ids, tcaps = mlp_keys(spec, b * n)
+  branches = mlp_branches(block, spec, tables["group"], b * n)
+  token_bucket = jnp.searchsorted(jnp.asarray(tcaps, jnp.int32), count, side="left")
+  branch = jnp.asarray(ids)[tables["group"]["bucket"], token_bucket]
+  y = jax.lax.switch(branch, branches, h, src, dest).reshape(b, n, d)
+  x = x + jnp.where(keep[..., None], gate_mlp[:, None] * y.astype(jnp.float32), 0.0)
+  return x, keep.sum(-1, dtype=jnp.int32)

@@ -1,0 +1,125 @@
+"""DynamicEngine: a DyDiT forward that computes only what the masks keep, under jit.
+
+The engine owns three things: a compute copy of the model (config dtype / attention implementation
+replaced, block matmul weights cast once to the compute dtype so no step re-casts them), the plan's
+index tables (device arrays, passed as jit arguments rather than baked-in constants), and a static
+`BlockSpec` naming the compiled capacities. `apply` is a pure function of (arrays, x, t, y, row):
+embed, a `lax.scan` over the stacked blocks where each block runs `blocks.dynamic_block`, final layer.
+
+Why buckets + `lax.switch` and not one program per width signature: a trained plan changes width at
+nearly every step (`WidthPlan.summary` counts the distinct signatures; up to one per step), and the
+token counts are data dependent, so per-signature programs would mean hundreds of unrolled depth-L
+compiles and still no answer for tokens. Branch counts stay small instead: |head caps| attention
+branches and <= |group caps| x |token caps| MLP branches per block, compiled once inside the scan.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dydit_jax.engine.blocks import BlockSpec, dynamic_block, mlp_keys
+from dydit_jax.engine.buckets import choose_caps, plan_tables
+from dydit_jax.engine.plan import WidthPlan
+from dydit_jax.models.dit import DiT
+
+# Block linears whose weights are pre-cast to the compute dtype (>99% of the parameters).
+BLOCK_MATMULS = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"), ("adaLN_modulation",))
+
+
+def compute_model(model: DiT, dtype: str = "bfloat16", attention_impl: str | None = None) -> DiT:
+  """The model rebuilt to compute in `dtype` with its block matmul weights stored in `dtype`.
+
+  Shared by the engine and by dense baselines, so both read weights of the same width. Routers and
+  embedders keep their stored dtype (routers always run in float32). Arrays already in `dtype` are
+  reused, not copied.
+  """
+  cfg = model.config.replace(dtype=jnp.dtype(dtype).name, attention_impl=attention_impl)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
+
+  def cast(path, value):
+    names = tuple(str(getattr(k, "key", k)) for k in path)
+    matmul = names[0] == "blocks" and any(names[1:1 + len(p)] == p for p in BLOCK_MATMULS)
+    return value.astype(dtype) if matmul else value
+
+  nnx.replace_by_pure_dict(abstract, jax.tree_util.tree_map_with_path(cast, nnx.state(model).to_pure_dict()))
+  return nnx.merge(graphdef, abstract)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+  """How the engine compiles.
+
+  dtype: matmul dtype (bf16 for speed; float32 for exactness tests). attention_impl: None (XLA) or
+  "cudnn". head_buckets / group_buckets: max head / MLP-group capacities (fitted to the plan; more =
+  less padding, more branches). token_buckets: T in the token capacities j/T of the flattened batch,
+  unless token_fractions gives the capacities (e.g. `buckets.fit_token_fractions` of calibration
+  observations; 1.0 is implied). Branches per block: head_buckets attention + about
+  group_buckets x (number of token capacities + 1) MLP.
+  """
+
+  dtype: str = "bfloat16"
+  attention_impl: str | None = None
+  head_buckets: int = 8
+  group_buckets: int = 6
+  token_buckets: int = 8
+  token_fractions: tuple[float, ...] | None = None
+
+
+class DynamicEngine:
+  """Fast eval-mode DyDiT for the timesteps of one `WidthPlan`.
+
+  engine.apply(engine.arrays, x, t, y, row) -> (out (B,H,W,2C) float32, kept (L,B) int32).
+  `row` is the plan row (the sampling step); with row=None it is looked up from t, and a t outside the
+  plan (or a batch whose t differ) yields NaN output instead of a host-side error inside jit.
+  """
+
+  def __init__(self, model: DiT, plan: WidthPlan, options: EngineOptions = EngineOptions()):
+    if plan.config.replace(dtype="float32", attention_impl=None) != \
+        model.config.replace(dtype="float32", attention_impl=None):
+      raise ValueError("the plan was computed for a different model geometry")
+    self.plan = plan
+    self.options = options
+    cmodel = compute_model(model, options.dtype, options.attention_impl)
+    self.graphdef, state = nnx.split(cmodel)
+    self.spec = BlockSpec(cmodel.config, jnp.dtype(options.dtype).name, options.attention_impl,
+                          choose_caps(plan.head_counts, options.head_buckets),
+                          choose_caps(plan.group_counts, options.group_buckets), options.token_buckets,
+                          options.token_fractions)
+    tables = jax.tree.map(jnp.asarray, plan_tables(plan, self.spec.head_caps, self.spec.group_caps))
+    self.arrays = {"state": state, "tables": tables, "row_of_t": jnp.asarray(plan.row_of_t())}
+
+  @property
+  def config(self):
+    return self.spec.config
+
+  def variants(self, batch: int) -> dict[str, int]:
+    """Static block variants compiled into one program for `batch` rows (all in one scan body)."""
+    return {"attention": len(self.spec.head_caps),
+            "mlp": len(mlp_keys(self.spec, batch * self.config.num_tokens)[0])}
+
+  def apply(self, arrays, x: jax.Array, t: jax.Array, y: jax.Array, row=None):
+    """Pure forward (traceable); see the class docstring."""
+    model = nnx.merge(self.graphdef, arrays["state"])
+    valid = True
+    if row is None:
+      row = arrays["row_of_t"][t[0]]
+      valid = (row >= 0) & jnp.all(t == t[0])
+      row = jnp.maximum(row, 0)
+    tables = jax.tree.map(lambda a: a[row], arrays["tables"])
+    tokens, c, _ = model.embed(x, t, y)
+    block_def, block_state = nnx.split(model.blocks)
+
+    def layer(h, xs):
+      state, tab = xs
+      return dynamic_block(nnx.merge(block_def, state), self.spec, tab, h, c)
+
+    tokens, kept = jax.lax.scan(layer, tokens, (block_state, tables))
+    out = model.unpatchify(model.final_layer(tokens, c))
+    return jnp.where(valid, out, jnp.nan), kept
+
+  def __call__(self, x, t, y):
+    """model(x, t, y)-style call on the engine's own arrays (output only)."""
+    return self.apply(self.arrays, x, t, y)[0]

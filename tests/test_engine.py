@@ -1,0 +1,233 @@
+"""The fast engine computes the masked eval-mode DyDiT exactly (fp32, CPU), and counts MACs honestly.
+
+Every parameter is random (zero-initialized adaLN / final layers included: an adaLN-Zero block is the
+identity and would hide slicing errors) and the routers are set so masks are mixed; single layers are
+forced to the edge cases: no routed token, every token routed, and (format "all") no head / no group.
+Tolerances: relative L2 <= 1e-5 per model call, <= 1e-4 after a 250-step DDPM chain.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from model_utils import rel_l2, tiny_config
+
+from dydit_jax.diffusion import create_diffusion, ddpm_sample, sampling_timesteps
+from dydit_jax.engine import cost, sampling
+from dydit_jax.engine.buckets import choose_caps, padded_counts, token_caps
+from dydit_jax.engine.engine import DynamicEngine, EngineOptions, compute_model
+from dydit_jax.engine.plan import WidthPlan
+from dydit_jax.engine.synthetic import calibrate_token_routers, set_synthetic_routers
+from dydit_jax.models import DiT, flops
+from dydit_jax.models.layers import sincos_pos_embed_2d
+from dydit_jax.models.dydit_init import dit_from_dydit
+from dydit_jax.models.guidance import cfg_labels, forward_with_cfg
+
+# Fewer width buckets than distinct counts, so padded (zero-weighted) slots are exercised.
+FP32 = EngineOptions(dtype="float32", head_buckets=2, group_buckets=3, token_buckets=4)
+BATCH = 4
+NO_TOKEN_LAYER, ALL_TOKEN_LAYER, NO_HEAD_LAYER, NO_GROUP_LAYER = 0, 1, 2, 3
+
+
+def _model(router_format: str) -> DiT:
+  """Random DyDiT built on the host (numpy): eager init compiles ~50 tiny programs, too slow here.
+
+  Every parameter ~ N(0, 0.05^2) except the width routers, N(0, 9 / fan_in) for mixed masks; the
+  sin-cos position table stays; token routers are calibrated to route half the tokens, then single
+  layers are forced to the edge cases.
+  """
+  cfg = tiny_config(dynamic=True, depth=4, router_format=router_format)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(1)
+
+  def fill(path, leaf):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if names[0] == "pos_embed":
+      return jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)[None])
+    scale = 3.0 / leaf.shape[-2] ** 0.5 if "router" in names and names[-1] == "kernel" else 0.05
+    return jnp.asarray(rng.normal(0.0, scale, leaf.shape), leaf.dtype)
+
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state.to_pure_dict()))
+  calibrate_token_routers(model, 0.5, batch=4, iters=12)
+  blocks = model.blocks
+  token_bias = blocks.token_selection.mlp_head.layers[2].bias
+  token_bias[...] = token_bias[...].at[NO_TOKEN_LAYER].set(-1e3).at[ALL_TOKEN_LAYER].set(1e3)
+  if router_format == "all":
+    blocks.attn_rate.router.bias[...] = blocks.attn_rate.router.bias[...].at[NO_HEAD_LAYER].set(-1e3)
+    blocks.mlp_rate.router.bias[...] = blocks.mlp_rate.router.bias[...].at[NO_GROUP_LAYER].set(-1e3)
+  return model
+
+
+@pytest.fixture(scope="module", params=["forced_first", "all"])
+def setup(request):
+  """(model, diffusion, plan, engine, jitted engine apply, jitted reference forward)."""
+  model = _model(request.param)
+  diffusion = create_diffusion("250")
+  plan = WidthPlan.from_model(model, sampling_timesteps(diffusion))
+  engine = DynamicEngine(model, plan, FP32)
+  graphdef, state = nnx.split(model)
+  reference = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y, return_masks=True))
+  return model, diffusion, plan, engine, jax.jit(engine.apply), lambda x, t, y: reference(state, x, t, y)
+
+
+def _inputs(cfg, t: int, seed: int = 0, batch: int = BATCH):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (batch, cfg.input_size, cfg.input_size, cfg.in_channels))
+  y = jax.random.randint(ky, (batch,), 0, cfg.num_classes)
+  return x, jnp.full((batch,), t, jnp.int32), y
+
+
+def test_engine_call_matches_masked_forward(setup):
+  model, _, plan, engine, apply, reference = setup
+  cfg = model.config
+  assert np.any(padded_counts(plan.head_counts, engine.spec.head_caps) > plan.head_counts)
+  assert np.any(padded_counts(plan.group_counts, engine.spec.group_caps) > plan.group_counts)
+  seen = {"head": [], "group": [], "token": []}
+  for row in (0, 60, 125, 249):
+    x, t, y = _inputs(cfg, int(plan.timesteps[row]), seed=row)
+    want, masks = reference(x, t, y)
+    got, kept = apply(engine.arrays, x, t, y, row)
+    assert rel_l2(got, want) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(kept).T, np.asarray(masks["token"].sum(-1)))
+    np.testing.assert_array_equal(plan.head[row], np.asarray(masks["head"][0]) > 0.5)
+    np.testing.assert_array_equal(plan.group[row], np.asarray(masks["group"][0]) > 0.5)
+    for k in seen:
+      seen[k].append(np.asarray(masks[k]))
+    kept = np.asarray(kept)
+    assert np.all(kept[NO_TOKEN_LAYER] == 0) and np.all(kept[ALL_TOKEN_LAYER] == cfg.num_tokens)
+  mixed = [l for l in range(cfg.depth) if l not in (NO_TOKEN_LAYER, ALL_TOKEN_LAYER)]
+  for kind, arrays in seen.items():
+    m = np.stack(arrays)
+    on = m[:, :, mixed].mean() if kind == "token" else m.mean()
+    assert 0.2 <= on <= 0.8, f"{kind} masks are not mixed: {on:.2f} open"
+  token = np.stack(seen["token"])[:, :, mixed].sum(-1)     # (calls, B, layers)
+  assert np.any(token.min(axis=1) != token.max(axis=1)), "samples should route different token counts"
+
+
+def test_format_all_has_closed_layers(setup):
+  model, _, plan, *_ = setup
+  if model.config.router_format != "all":
+    pytest.skip("only format 'all' can close every unit")
+  assert np.all(plan.head_counts[:, NO_HEAD_LAYER] == 0)
+  assert np.all(plan.group_counts[:, NO_GROUP_LAYER] == 0)
+
+
+def test_row_lookup_by_t_and_nan_outside_plan(setup):
+  model, _, plan, engine, apply, reference = setup
+  x, t, y = _inputs(model.config, int(plan.timesteps[10]))
+  got = apply(engine.arrays, x, t, y)[0]                    # row looked up from t
+  assert rel_l2(got, reference(x, t, y)[0]) <= 1e-5
+  off_plan = jnp.full_like(t, 1 + int(plan.timesteps[10]))   # 250-step chain: t+1 is not a step
+  assert int(plan.row_of_t()[off_plan[0]]) == -1
+  assert np.isnan(np.asarray(apply(engine.arrays, x, off_plan, y)[0])).all()
+  mixed_t = t.at[0].set(int(plan.timesteps[11]))
+  assert np.isnan(np.asarray(apply(engine.arrays, x, mixed_t, y)[0])).all()
+
+
+def test_cfg_halves_share_one_plan_row(setup):
+  model, _, plan, engine, _, _ = setup
+  cfg = model.config
+  x, t, y = _inputs(cfg, int(plan.timesteps[40]), batch=2 * 2)
+  labels = cfg_labels(y[:2], cfg.num_classes)
+  graphdef, state = nnx.split(model)
+  want = jax.jit(lambda s: forward_with_cfg(nnx.merge(graphdef, s), x, t, labels, 4.0))(state)
+  got = jax.jit(lambda arrays: forward_with_cfg(lambda a, b, c: engine.apply(arrays, a, b, c, 40)[0],
+                                                x, t, labels, 4.0))(engine.arrays)
+  assert rel_l2(got, want) <= 1e-5
+
+
+def test_ddpm250_chain_with_cfg_matches_reference(setup):
+  model, diffusion, _, engine, _, _ = setup
+  cfg = model.config
+  labels = jnp.array([1, 7])
+  noise = jax.random.normal(jax.random.key(5), (4, cfg.input_size, cfg.input_size, cfg.in_channels))
+  key = jax.random.key(6)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def reference(state):
+    m = nnx.merge(graphdef, state)
+    fn = lambda x, t: forward_with_cfg(m, x, t, cfg_labels(labels, cfg.num_classes), 1.5)
+    return ddpm_sample(fn, diffusion, noise, key)
+
+  @jax.jit
+  def fast(arrays):
+    step = sampling.guided(lambda x, t, y, row: engine.apply(arrays, x, t, y, row), labels,
+                           cfg_scale=1.5, num_classes=cfg.num_classes)
+    return sampling.sample(step, diffusion, noise, key)
+
+  got, kept = fast(engine.arrays)
+  assert kept.shape == (250, cfg.depth, 4)
+  assert rel_l2(got, reference(state)) <= 1e-4
+
+
+def test_plan_macs_equal_flops_module(setup):
+  model, _, plan, engine, apply, reference = setup
+  cfg = model.config
+  want = flops.dydit_macs(cfg, plan.masks())                  # steps as the batch axis, all tokens
+  np.testing.assert_allclose(plan.macs(), np.asarray(want), rtol=1e-6)
+  for routers in (False, True):                               # with per-sample token counts of a call
+    row = 77
+    x, t, y = _inputs(cfg, int(plan.timesteps[row]), seed=3)
+    _, masks = reference(x, t, y)
+    kept = np.zeros((plan.num_steps, cfg.depth, BATCH), np.int64)
+    kept[row] = np.asarray(apply(engine.arrays, x, t, y, row)[1])
+    want = flops.dydit_macs(cfg, masks, include_routers=routers)
+    np.testing.assert_allclose(plan.macs(kept, include_routers=routers)[row], np.asarray(want), rtol=1e-6)
+
+
+def test_xla_cost_agrees_with_analytic_at_capacities(setup):
+  model, diffusion, plan, engine, apply, _ = setup
+  cfg = model.config
+  if cfg.router_format != "all":
+    pytest.skip("costed once, on the format with empty-width branches")
+  rows = np.array([0, 100, 200])
+  kept = np.stack([np.asarray(apply(engine.arrays, *_inputs(cfg, int(plan.timesteps[r]), seed=int(r)), r)[1])
+                   for r in rows])
+  branch = cost.engine_branch_costs(engine, BATCH)
+  dense = cost.dense_call_flops(compute_model(dit_from_dydit(model), "float32"), BATCH)
+  r = cost.run_macs(engine, branch, dense, kept, rows)
+  assert r.analytic <= r.padded
+  # Beyond the padded MACs XLA only counts elementwise work (softmax, GELU, norms): a few % here.
+  assert 1.0 <= r.xla / r.padded <= 1.08
+  assert 1.0 <= r.dense_xla / r.dense_analytic <= 1.08
+
+
+def test_choose_caps_is_optimal_and_covers_counts():
+  rng = np.random.default_rng(0)
+  counts = rng.integers(0, 9, size=200)
+  for k in (1, 2, 3, 9):
+    caps = choose_caps(counts, k)
+    assert len(caps) <= k and caps[-1] == counts.max()
+    waste = (padded_counts(counts, caps) - counts).sum()
+    values = np.unique(counts)                                 # brute force over cap subsets
+    import itertools
+    best = min((padded_counts(counts, tuple(c) + (values[-1],)) - counts).sum()
+               for n in range(min(k, len(values))) for c in itertools.combinations(values[:-1], n))
+    assert waste == best
+  assert token_caps(64, 8) == (0, 8, 16, 24, 32, 40, 48, 56, 64)
+  assert token_caps(20, 4)[0] == 0 and token_caps(20, 4)[-1] == 20
+
+
+def test_plan_io_summary_and_plot(setup, tmp_path):
+  _, _, plan, *_ = setup
+  for name in ("plan.npz", "plan.json"):
+    back = WidthPlan.load(plan.save(tmp_path / name))
+    np.testing.assert_array_equal(back.head, plan.head)
+    np.testing.assert_array_equal(back.group, plan.group)
+    np.testing.assert_array_equal(back.timesteps, plan.timesteps)
+    assert back.config == plan.config
+  text = plan.summary()
+  assert "250 steps" in text and "MACs ratio" in text
+  assert plan.plot(tmp_path / "plan.png").stat().st_size > 1000
+
+
+def test_synthetic_routers_hit_target_exactly_on_fitted_steps():
+  model = _model("forced_first")
+  timesteps = sampling_timesteps(create_diffusion("ddim50"))   # 50 <= D + 1: exact least squares
+  report = set_synthetic_routers(model, 0.6, timesteps, token_keep=1.0)
+  assert report["width_misses"] == 0
+  plan = WidthPlan.from_model(model, timesteps)
+  assert abs(plan.macs_ratio() - 0.6) < 0.03
+  counts = plan.head_counts
+  assert counts[-1].mean() > counts[0].mean()                 # more width at low noise (tilt > 0)
