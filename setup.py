@@ -20,6 +20,7 @@ CORE = [
     "importlib_resources",  # needed by tfds through etils.epath, not declared by it
     # Logging: clu's metric writers import TensorFlow; kept out of model/engine/bench import paths.
     "clu>=0.0.12",
+    "tensorboard>=2.16",  # clu's summary writers need it; tensorflow-cpu no longer pulls it in
     "tensorflow-cpu>=2.16",
 ]
 TORCH = ["torch==2.13.0"]

@@ -1,0 +1,26 @@
+"""The reduced demo (configs/demo.py:quick=1) end to end: outputs, and the DyDiT's measured FLOPs ratio
+over its sampling run within +-0.05 of lambda (the full demo, same code, gets more steps)."""
+import json
+
+import numpy as np
+from PIL import Image
+
+import train_helpers as th
+
+
+def test_quick_demo(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("demo")
+  th.run_main(wd, "quick=1", config="configs/demo.py", cache_dir=tmp_path_factory.getbasetemp() / "jax_cache",
+              timeout=600)
+  summary = json.loads((wd / "summary.json").read_text())
+  assert abs(summary["dydit"]["sampling_flops_ratio"] - 0.5) <= 0.05, summary
+  assert summary["flops_ratio_within_tolerance"]
+  assert summary["dit"]["sampling_flops_ratio"] == 1.0
+  assert summary["dit"]["steps"] > 0 and summary["dydit"]["steps"] > 0
+  assert np.isfinite(summary["dydit"]["final_metrics"]["loss"]) and summary["wall_time_s"] > 0
+  for name in ("samples_dit.png", "samples_dydit.png"):
+    grid = np.asarray(Image.open(wd / name))
+    assert grid.shape == (10 * 34 + 2, 2 * 34 + 2) and grid.std() > 0   # 10 classes x 2, 32 px + 2 px gaps
+  assert Image.open(wd / "active_widths.png").size[0] > 100
+  assert (wd / "dit" / "checkpoints").is_dir() and (wd / "dydit" / "checkpoints").is_dir()
+  assert any(p.name.startswith("events.out.tfevents") for p in (wd / "dydit").iterdir())

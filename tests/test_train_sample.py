@@ -1,0 +1,89 @@
+"""dydit_jax.sample: the chain equals the diffusion samplers, FLOPs statistics, grids, the CLI."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+import train_helpers as th
+from dydit_jax import checkpoints, sample
+from dydit_jax.diffusion import create_diffusion, ddim_sample, ddpm_sample
+from dydit_jax.models import DiT, ModelConfig
+from dydit_jax.models.flops import layer_macs
+from dydit_jax.models.guidance import cfg_labels, forward_with_cfg
+from model_utils import randomize
+
+CFG = ModelConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                  num_classes=4)
+LABELS = np.array([0, 1, 3], np.int32)
+
+
+@pytest.fixture(scope="module")
+def dit():
+  return randomize(DiT(CFG, rngs=nnx.Rngs(0)), scale=0.05)
+
+
+def _reference(model, sampler, steps, cfg_scale, key):
+  """The diffusion helper's own sampler on the same noise (generate's key protocol)."""
+  noise_key, chain_key = jax.random.split(key)
+  noise = jax.random.normal(noise_key, (len(LABELS), 8, 8, 1))
+  run = ddpm_sample if sampler == "ddpm" else ddim_sample
+  if cfg_scale == 1.0:
+    return run(lambda x, t: model(x, t, jnp.asarray(LABELS)), create_diffusion(steps), noise, chain_key)
+  y = cfg_labels(jnp.asarray(LABELS), CFG.num_classes)
+  fn = lambda x, t: forward_with_cfg(lambda a, b, c: model(a, b, c), x, t, y, cfg_scale)
+  return run(fn, create_diffusion(steps), jnp.concatenate([noise, noise]), chain_key)[:len(LABELS)]
+
+
+@pytest.mark.parametrize("sampler,steps,cfg_scale", [("ddpm", "10", 1.0), ("ddim", "10", 3.0)])
+def test_generate_equals_the_diffusion_samplers(dit, sampler, steps, cfg_scale):
+  key = jax.random.PRNGKey(3)
+  result = sample.generate(dit, LABELS, key, sample.SampleOptions(sampler=sampler, steps=steps,
+                                                                  cfg_scale=cfg_scale))
+  np.testing.assert_allclose(result.samples, _reference(dit, sampler, steps, cfg_scale, key), rtol=1e-5, atol=1e-5)
+  assert result.samples.shape == (3, 8, 8, 1)
+  t = result.timesteps
+  assert len(t) == 10 and t[0] == 999 and t[-1] == 0 and np.all(np.diff(t) < 0)
+  assert result.flops_ratio == 1.0 and result.macs_ratio == 1.0      # a DiT computes everything
+
+
+def test_flops_statistics_of_closed_routers():
+  model = randomize(DiT(CFG.replace(dynamic=True), rngs=nnx.Rngs(1)), scale=0.2)
+  for router in (model.blocks.attn_rate.router, model.blocks.mlp_rate.router,
+                 model.blocks.token_selection.mlp_head.layers[2]):
+    router.bias[...] = jnp.full(router.bias.shape, -100.0)
+  result = sample.generate(model, LABELS, jax.random.PRNGKey(0), sample.SampleOptions(steps="5"))
+  # Only the forced head and group stay open, no token takes the MLP: r = (1/H) A / (A + M).
+  attn, mlp = layer_macs(CFG)
+  np.testing.assert_allclose(result.flops_ratio, 0.5 * attn / (attn + mlp), rtol=1e-6)
+  np.testing.assert_allclose(result.head, 0.5)
+  np.testing.assert_allclose(result.token, 0.0)
+  assert result.head.shape == (5, 2) and 0 < result.macs_ratio < 1
+
+
+def test_grid_layout_and_png(tmp_path):
+  images = np.stack([np.full((4, 4, 1), 10 * i, np.uint8) for i in range(5)])
+  grid = sample.make_grid(images, ncols=2, pad=1)
+  assert grid.shape == (3 * 5 + 1, 2 * 5 + 1, 1)
+  assert grid[1, 6, 0] == 10 and grid[11, 1, 0] == 40 and grid[11, 6, 0] == 0
+  path = sample.save_grid(images, tmp_path / "g.png", ncols=2)
+  assert np.asarray(Image.open(path)).shape == (3 * 6 + 2, 2 * 6 + 2)
+  np.testing.assert_array_equal(sample.to_uint8(np.array([[-1.0, 0.0, 1.0]])[..., None])[..., 0], [[0, 128, 255]])
+  with pytest.raises(ValueError, match="latents"):
+    sample.to_uint8(np.zeros((1, 4, 4, 4)))
+
+
+def test_cli_on_a_model_directory(tmp_path, dit):
+  checkpoints.save_model(dit, tmp_path / "model")
+  out = tmp_path / "grid.png"
+  subprocess.run([sys.executable, "-m", "dydit_jax.sample", f"--model={tmp_path / 'model'}", "--classes=0,2",
+                  "--per_class=3", "--steps=5", "--cfg_scale=2", f"--out={out}"],
+                 cwd=th.REPO, env=th.env(), check=True, capture_output=True, timeout=300)
+  assert np.asarray(Image.open(out)).shape == (2 * 10 + 2, 3 * 10 + 2)
+  stats = json.loads(out.with_suffix(".json").read_text())
+  assert stats["flops_ratio"] == 1.0 and stats["labels"] == [0, 0, 0, 2, 2, 2]
