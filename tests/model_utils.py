@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dydit_jax.models import DiT, ModelConfig
@@ -43,6 +44,23 @@ def randomize_routers(model: DiT, seed: int = 1, weight_scale: float = 1.0, bias
       fan_in = var.shape[-2]
       var[...] = weight_scale * jax.random.normal(jax.random.fold_in(key, i), var.shape) / fan_in ** 0.5
   return model
+
+
+# Hand-computable DyDiT geometry: N = 16 tokens, D = 64, L = 2, H = 4, p = 2.
+#   A = 4*16*64^2 + 2*16^2*64 = 294912, M = 8*16*64^2 = 524288, A + M = 819200.
+HAND_CONFIG = ModelConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, dynamic=True)
+
+
+def hand_masks():
+  """Sample 0: layer 0 h=1/2, g=1/4, k=1/2; layer 1 h=1, g=1, k=1/4 (ratio 0.39). Sample 1: all open."""
+  head = np.ones((2, 2, 4), np.float32)
+  group = np.ones((2, 2, 4), np.float32)
+  token = np.ones((2, 2, 16), np.float32)
+  head[0, 0, 2:] = 0
+  group[0, 0, 1:] = 0
+  token[0, 0, 8:] = 0
+  token[0, 1, 4:] = 0
+  return {"head": jnp.asarray(head), "group": jnp.asarray(group), "token": jnp.asarray(token)}
 
 
 def rel_l2(a, b) -> float:

@@ -5,38 +5,25 @@ import numpy as np
 import optax
 import pytest
 
-from dydit_jax.models.config import ModelConfig
 from dydit_jax.models.flops import macs_ratio
 from dydit_jax.train import dydit_objectives as obj
+from model_utils import HAND_CONFIG, hand_masks
 
-# Same tiny geometry as tests/test_flops.py: A = 294912, M = 524288, L = 2, H = 4, N = 16.
-TINY = ModelConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, dynamic=True)
-
-
-def _masks():
-  """Per-sample ratios 0.39 and 1.0 (hand-computed in tests/test_flops.py)."""
-  head = np.ones((2, 2, 4), np.float32)
-  group = np.ones((2, 2, 4), np.float32)
-  token = np.ones((2, 2, 16), np.float32)
-  head[0, 0, 2:] = 0
-  group[0, 0, 1:] = 0
-  token[0, 0, 8:] = 0
-  token[0, 1, 4:] = 0
-  return {"head": jnp.asarray(head), "group": jnp.asarray(group), "token": jnp.asarray(token)}
+TINY = HAND_CONFIG
 
 
 def test_flops_loss_hand_example():
   # mean ratio (0.39 + 1.0) / 2 = 0.695; 2 * (0.695 - 0.5)^2 = 0.07605.
-  np.testing.assert_allclose(obj.flops_loss(TINY, _masks(), 0.5), 0.07605, rtol=1e-5)
-  np.testing.assert_allclose(obj.flops_loss(TINY, _masks(), 0.5, weight=1.0), 0.038025, rtol=1e-5)
+  np.testing.assert_allclose(obj.flops_loss(TINY, hand_masks(), 0.5), 0.07605, rtol=1e-5)
+  np.testing.assert_allclose(obj.flops_loss(TINY, hand_masks(), 0.5, weight=1.0), 0.038025, rtol=1e-5)
   # Two replicas of one sample: 2 * mean((0.39 - 0.5)^2, (1 - 0.5)^2) = 0.2621.
-  np.testing.assert_allclose(obj.flops_loss(TINY, _masks(), 0.5, num_replicas=2), 0.2621, rtol=1e-5)
-  jitted = jax.jit(lambda m, lam: obj.flops_loss(TINY, m, lam))(_masks(), jnp.float32(0.5))
+  np.testing.assert_allclose(obj.flops_loss(TINY, hand_masks(), 0.5, num_replicas=2), 0.2621, rtol=1e-5)
+  jitted = jax.jit(lambda m, lam: obj.flops_loss(TINY, m, lam))(hand_masks(), jnp.float32(0.5))
   np.testing.assert_allclose(jitted, 0.07605, rtol=1e-5)
 
 
-def test_flops_loss_gradient_wrt_soft_masks():
-  soft = jax.tree.map(lambda m: m * 0.9 + 0.05, _masks())
+def test_flops_loss_gradient_wrt_softhand_masks():
+  soft = jax.tree.map(lambda m: m * 0.9 + 0.05, hand_masks())
   grads = jax.grad(lambda m: obj.flops_loss(TINY, m, 0.2))(soft)
   for name in ("head", "group", "token"):
     assert np.all(np.asarray(grads[name]) > 0), name  # ratio above target: closing gates helps

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from dydit_jax.models import flops
-from dydit_jax.models.config import ModelConfig, model_config
+from dydit_jax.models.config import model_config
+from model_utils import HAND_CONFIG, hand_masks
 
 # DiT paper Table 4 "Gflops" (= GMACs), one forward of one sample.
 PAPER_GMACS = {
@@ -22,21 +23,7 @@ DYDIT_LOSS_GMACS = {
     "DiT-XL/2": (1.50994944, 2.717908992),
 }
 
-# Tiny geometry for hand computation: N = 16 tokens, D = 64, L = 2, H = 4, p = 2.
-#   A = 4*16*64^2 + 2*16^2*64 = 294912, M = 8*16*64^2 = 524288, A + M = 819200.
-TINY = ModelConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, dynamic=True)
-
-
-def _tiny_masks():
-  """Sample 0: layer 0 h=1/2, g=1/4, k=1/2; layer 1 h=1, g=1, k=1/4. Sample 1: all open."""
-  head = np.ones((2, 2, 4), np.float32)
-  group = np.ones((2, 2, 4), np.float32)
-  token = np.ones((2, 2, 16), np.float32)
-  head[0, 0, 2:] = 0
-  group[0, 0, 1:] = 0
-  token[0, 0, 8:] = 0
-  token[0, 1, 4:] = 0
-  return {"head": jnp.asarray(head), "group": jnp.asarray(group), "token": jnp.asarray(token)}
+TINY = HAND_CONFIG
 
 
 @pytest.mark.parametrize("name,image_size", sorted(PAPER_GMACS))
@@ -77,7 +64,7 @@ def test_all_open_masks_give_ratio_one_and_dense_macs():
 
 def test_hand_computed_ratio():
   # Sample 0: 0.5*A + 0.25*0.5*M + A + 0.25*M = 638976; / (2 * 819200) = 0.39.
-  ratio = flops.macs_ratio(TINY, _tiny_masks())
+  ratio = flops.macs_ratio(TINY, hand_masks())
   np.testing.assert_allclose(ratio, [0.39, 1.0], rtol=1e-6)
 
 
@@ -86,18 +73,18 @@ def test_hand_computed_dydit_macs():
   #   + static per block (adaLN 6*64^2 = 24576, attention-side modulation 1024) * 2 = 51200.
   # Outside blocks: patch 16*2*2*4*64 = 16384, t-embedder 256*64 + 64^2 = 20480,
   #   final adaLN 2*64^2 = 8192, final linear 16*64*2*2*8 = 32768, final modulation 1024 -> 78848.
-  macs = flops.dydit_macs(TINY, _tiny_masks())
+  macs = flops.dydit_macs(TINY, hand_masks())
   dense = flops.dense_macs(TINY)
   np.testing.assert_allclose(macs, [638976 + 768 + 51200 + 78848, dense], rtol=1e-7)
   # Routers: width 2*64*3 = 384 and token 16*(64*4 + 4) = 4160 per block, both blocks.
-  with_routers = flops.dydit_macs(TINY, _tiny_masks(), include_routers=True)
+  with_routers = flops.dydit_macs(TINY, hand_masks(), include_routers=True)
   np.testing.assert_allclose(with_routers - macs, [9088, 9088], rtol=1e-7)
   assert flops.router_macs(TINY) == {"width": 384, "token": 4160}
 
 
 def test_dydit_macs_jit_and_shape_check():
-  got = jax.jit(lambda m: flops.dydit_macs(TINY, m))(_tiny_masks())
-  np.testing.assert_allclose(got, flops.dydit_macs(TINY, _tiny_masks()), rtol=1e-7)
-  bad = dict(_tiny_masks(), token=jnp.ones((2, 2, 15)))
+  got = jax.jit(lambda m: flops.dydit_macs(TINY, m))(hand_masks())
+  np.testing.assert_allclose(got, flops.dydit_macs(TINY, hand_masks()), rtol=1e-7)
+  bad = dict(hand_masks(), token=jnp.ones((2, 2, 15)))
   with pytest.raises(ValueError, match="do not fit"):
     flops.macs_ratio(TINY, bad)
