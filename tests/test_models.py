@@ -96,6 +96,14 @@ def test_label_dropout_and_forced_null():
   assert abs(rate - 0.1) < 0.01  # 5 sigma for n=20000
 
 
+def test_label_without_a_row_is_loud():
+  cfg = tiny_config(class_dropout_prob=0.0)  # no null row: CFG's null label does not exist
+  model = randomize(DiT(cfg, rngs=nnx.Rngs(0)))
+  x, t, y = sample_inputs(cfg)
+  assert bool(jnp.isfinite(model(x, t, y)).all())
+  assert bool(jnp.isnan(model(x, t, jnp.full_like(y, cfg.num_classes))).all())
+
+
 def test_train_mode_needs_key():
   cfg = tiny_config()
   model = DiT(cfg, rngs=nnx.Rngs(0))

@@ -75,7 +75,10 @@ class LabelEmbedder(nnx.Module):
       drop = force_drop_ids == 1
     if drop is not None:
       y = jnp.where(drop, self.num_classes, y)
-    return self.embedding_table(y).astype(jnp.float32)
+    # An out-of-range label (e.g. the CFG null class of a model trained without label dropout, which
+    # has no null row) becomes NaN instead of being silently clamped to the last row by the gather.
+    table = self.embedding_table.embedding[...]
+    return jnp.take(table, y, axis=0, mode="fill", fill_value=jnp.nan).astype(jnp.float32)
 
 
 class Attention(nnx.Module):
