@@ -17,25 +17,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dydit_jax.bench import matmul_rate
 from dydit_jax.models import model_config
 from dydit_jax.models.flops import dense_macs
+from dydit_jax.train import sharding
 from dydit_jax.train.config import base_config
 from dydit_jax.train.state import make_optimizer, model_graphdef, scratch_state
 from dydit_jax.train.step import make_train_step
-
-
-def matmul_tflops(size: int, dtype=jnp.bfloat16, iters: int = 10) -> float:
-  a = jnp.ones((size, size), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    out = f(a)
-  out.block_until_ready()
-  return 2 * size ** 3 * iters / (time.perf_counter() - t0) / 1e12
 
 
 def run(model: str, batch: int, dtype: str, steps: int, complete: bool, remat: bool,
@@ -43,12 +32,11 @@ def run(model: str, batch: int, dtype: str, steps: int, complete: bool, remat: b
   config = base_config()
   cfg = model_config(model, 256, dynamic=True, dtype=dtype, remat=remat, attention_impl=attention)
   tx = make_optimizer(config.optimizer)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  replicated = NamedSharding(mesh, P())
-  state = jax.jit(lambda: scratch_state(cfg, tx, 0), out_shardings=replicated)()
+  mesh = sharding.make_mesh()
+  state = jax.jit(lambda: scratch_state(cfg, tx, 0), out_shardings=sharding.replicated(mesh))()
   step_fn = jax.jit(make_train_step(cfg, model_graphdef(cfg), tx, config, with_complete=complete),
                     donate_argnums=0)
-  data = NamedSharding(mesh, P("data"))
+  data = sharding.batch_sharding(mesh)
   shape = (batch, cfg.input_size, cfg.input_size, cfg.in_channels)
   batch_arrays = {"x": jax.device_put(jax.random.normal(jax.random.key(0), shape), data),
                   "y": jax.device_put(jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes, data)}
@@ -63,7 +51,7 @@ def run(model: str, batch: int, dtype: str, steps: int, complete: bool, remat: b
   step_s = (time.perf_counter() - t0) / steps
   flops_per_image = 2 * 3 * dense_macs(cfg, count_modulation=False) * (2 if complete else 1)
   achieved = flops_per_image * batch / step_s / 1e12
-  peak = matmul_tflops(matmul_size) * jax.device_count()
+  peak = matmul_rate(matmul_size) * jax.device_count()
   return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "model": model,
           "batch": batch, "dtype": dtype, "complete_loss": complete, "remat": remat,
           "attention": attention or "xla", "compile_s": round(compile_s, 1),
