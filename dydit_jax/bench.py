@@ -25,6 +25,7 @@ analytic (useful) work, so a DyDiT row's rate is useful work per second.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import time
 import traceback
@@ -35,12 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dydit_jax.diffusion import create_diffusion, sampling_timesteps
+from dydit_jax import profile_summary
+from dydit_jax.diffusion import create_diffusion, run_chain, sampling_timesteps
 from dydit_jax.engine import cost, sampling
 from dydit_jax.engine.buckets import fit_token_fractions
 from dydit_jax.engine.calibration import token_fraction_fn
 from dydit_jax.engine.engine import DynamicEngine, EngineOptions, compute_model
 from dydit_jax.engine.plan import WidthPlan
+from dydit_jax.engine.segments import SegmentEngine
 from dydit_jax.engine.synthetic import set_synthetic_routers
 from dydit_jax.models import DiT, flops, model_config
 from dydit_jax.models.dydit_init import dit_from_dydit
@@ -154,9 +157,12 @@ class Bench:
   def dense(self, impl):
     return compute_model(dit_from_dydit(self.model), self.args.dtype, _impl(impl))
 
-  def engine(self, sampler: str, impl) -> DynamicEngine:
+  def engine(self, sampler: str, impl, kind: str = "buckets"):
     opts = EngineOptions(self.args.dtype, _impl(impl), self.args.head_buckets, self.args.group_buckets,
                          self.args.token_buckets, self.token_fractions)
+    if kind == "segments":
+      return SegmentEngine(self.model, self.plans[sampler], opts, num_segments=self.args.segments,
+                           width_multiple=self.args.width_multiple)
     return DynamicEngine(self.model, self.plans[sampler], opts)
 
   def pct(self, tflops):
@@ -192,41 +198,74 @@ class Bench:
       except Exception as e:  # noqa: BLE001 - report and continue with the next variant
         self.error(f"forward {impl}", e)
 
-  def _chain_fn(self, sampler, forward):
+  def _chain_programs(self, sampler, pieces_of):
+    """Compiled chain pieces [(fn(arrays, x, key) -> (x, kept), positions)] and the compile wall time.
+
+    pieces_of(arrays) -> [(plan rows, forward(x, t, y, row))]: one piece for the dense model and the
+    bucket engine, one per segment for the segment engine. Pieces compile in parallel threads (XLA
+    releases the GIL) and run back to back without host syncs.
+    """
     method = SAMPLER_SPECS[sampler][0]
     diffusion = self.diffusions[sampler]
     steps = spread(diffusion.num_timesteps, self.args.steps_limit)
     scale = self.args.cfg_scale or None
+    noise = self._noise()
 
-    def run(arrays, noise, key):
-      step = sampling.guided(lambda x, t, y, row: forward(arrays, x, t, y, row), self.labels,
-                             cfg_scale=scale, num_classes=self.cfg.num_classes)
-      return sampling.sample(step, diffusion, noise, key, method=method, steps=steps)
+    def make(k, positions):
+      def run(arrays, x, key):
+        forward = pieces_of(arrays)[k][1]
+        step = sampling.guided(forward, self.labels, cfg_scale=scale, num_classes=self.cfg.num_classes)
+        return run_chain(step, diffusion, x, key, method=method, positions=positions)
+      return jax.jit(run)
 
-    return jax.jit(run), steps
+    def compile_piece(args):
+      k, positions, arrays = args
+      return make(k, positions).lower(arrays, noise, jax.random.key(0)).compile(), positions
+
+    def compile_all(arrays):
+      rows = [np.intersect1d(r, steps) for r, _ in pieces_of(arrays)]
+      jobs = [(k, p, arrays) for k, p in enumerate(rows) if p.size]
+      start = time.perf_counter()
+      with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
+        programs = list(pool.map(compile_piece, jobs))
+      return programs, time.perf_counter() - start
+
+    return compile_all, steps
+
+  def _noise(self):
+    side = self.cfg.input_size
+    return jax.random.normal(jax.random.key(self.args.seed), (self.rows, side, side, self.cfg.in_channels))
+
+  @staticmethod
+  def _run_programs(programs, arrays, x, key):
+    kept = []
+    for program, _ in programs:
+      x, aux = program(arrays, x, key)
+      kept.append(aux)
+    return x, kept
 
   def part_chain(self, impl: str | None = None, sampler: str | None = None):
-    """Dense and DyDiT chains for `sampler` (default: all of --samplers) with attention `impl`."""
+    """Dense and DyDiT chains (one row per engine of --engines) for `sampler` (default: all of
+    --samplers) with attention `impl`."""
     impl = impl or self.args.attention
-    side = self.cfg.input_size
-    noise = jax.random.normal(jax.random.key(self.args.seed), (self.rows, side, side, self.cfg.in_channels))
+    noise = self._noise()
     key = jax.random.key(self.args.seed + 1)
     dgraph, dstate = nnx.split(self.dense(impl))
-    dense_fwd = lambda s, x, t, y, row: (nnx.merge(dgraph, s)(x, t, y), ())
     for sampler in [sampler] if sampler else self.args.samplers:
       total = self.diffusions[sampler].num_timesteps
-      for name in ("dense", "dydit"):
+      dense_pieces = lambda s: [(np.arange(total), lambda x, t, y, row: (nnx.merge(dgraph, s)(x, t, y), ()))]
+      for name in ("dense",) + tuple(self.args.engines):
         try:
           if name == "dense":
-            arrays, fwd, engine = dstate, dense_fwd, None
+            arrays, pieces_of, engine = dstate, dense_pieces, None
           else:
-            engine = self.engine(sampler, impl)
-            arrays, fwd = engine.arrays, engine.apply
-          fn, steps = self._chain_fn(sampler, fwd)
-          start = time.perf_counter()
-          compiled = fn.lower(arrays, noise, key).compile()
-          compile_s = time.perf_counter() - start
-          (x0, kept), seconds = _timed(compiled, arrays, noise, key)
+            engine = self.engine(sampler, impl, name)
+            arrays, pieces_of = engine.arrays, engine.forwards
+          compile_all, steps = self._chain_programs(sampler, pieces_of)
+          programs, compile_s = compile_all(arrays)
+          if self.args.warmup:  # first executions (allocations, library handles) stay out of the timing
+            _timed(self._run_programs, programs, arrays, noise, key)
+          (x0, kept), seconds = _timed(self._run_programs, programs, arrays, noise, key)
           ms = 1e3 * seconds / len(steps)
           dense_call = flops.dense_macs(self.cfg) * self.rows
           notes = [f"{len(steps)}/{total} steps spread over the chain, s/image extrapolated"] \
@@ -237,6 +276,7 @@ class Bench:
             self.dense_ms[(sampler, impl)] = ms
             macs, ratio, speedup = dense_call * len(steps), 1.0, 1.0
           else:
+            kept = np.concatenate([np.asarray(k) for k in kept])
             macs = cost.analytic_macs(engine.plan, kept, steps)
             ratio = macs / (dense_call * len(steps))
             dense_ms = self.dense_ms.get((sampler, impl))
@@ -245,18 +285,28 @@ class Bench:
             if impl != "xla" and xla_dense:
               notes.append(f"x{xla_dense / ms:.2f} vs XLA-attention dense")
             var = engine.variants(self.rows)
-            notes.append(f"{var['attention']} attn + {var['mlp']} MLP branches; compiled capacities cost "
+            notes.append(f"{var['programs']} program(s), {var['attention']} attn + {var['mlp']} MLP block "
+                         f"bodies; compiled capacities cost "
                          f"x{cost.padded_macs(engine, kept, steps, include_router=False) / macs:.3f} "
                          "the analytic MACs")
-            self.chain_runs.append((sampler, engine, np.asarray(kept), steps))
+            self.chain_runs.append((sampler, engine, kept, steps))
           tf = 2 * macs / seconds / 1e12
-          self.table.add(part="chain", sampler=sampler, model=name, attn=impl, rows=self.rows,
+          label = name if engine is None else f"DyDiT {engine.label}"
+          self.table.add(part="chain", sampler=sampler, model=label, attn=impl, rows=self.rows,
                          steps=len(steps), note="; ".join(notes), **{
                              "compile s": compile_s, "ms/call": ms,
                              "s/image": ms / 1e3 * total / self.args.batch, "speedup": speedup,
                              "MACs ratio": ratio, "TFLOP/s": tf, "% matmul": self.pct(tf)})
+          if self.args.profile:  # one more, untimed run under the profiler
+            self._profile(f"{sampler}_{impl}_{label}", self._run_programs, programs, arrays, noise, key)
         except Exception as e:  # noqa: BLE001
           self.error(f"chain {sampler} {name} {impl}", e)
+
+  def _profile(self, title: str, fn, *args):
+    logdir = f"{self.args.profile}/{title.replace(' ', '_')}"
+    with jax.profiler.trace(logdir):
+      jax.block_until_ready(fn(*args))
+    print(profile_summary.format_summary(profile_summary.summarize(logdir), title), flush=True)
 
   def part_calls(self, impl: str | None = None):
     """--calls single model calls at plan rows spread over the first sampler (no sampler loop)."""
@@ -297,9 +347,10 @@ class Bench:
           self.error(f"calls {impl} {name}", e)
 
   def part_cost(self):
-    if not self.chain_runs:
-      raise RuntimeError("the cost part needs a DyDiT chain (part 'chain') that ran")
-    sampler, engine, kept, steps = self.chain_runs[0]
+    runs = [r for r in self.chain_runs if isinstance(r[1], DynamicEngine)]
+    if not runs:
+      raise RuntimeError("XLA costing covers the bucket engine: run the chain part with --engines buckets")
+    sampler, engine, kept, steps = runs[0]
     start = time.perf_counter()
     branch = cost.engine_branch_costs(engine, self.rows)
     dense = cost.dense_call_flops(self.dense(None), self.rows)
@@ -339,11 +390,19 @@ def parse(argv: Sequence[str] | None = None):
   p.add_argument("--forward-batch", type=int, default=256, help="rows of the dense forward part")
   p.add_argument("--iters", type=int, default=5, help="timed repetitions in the forward part")
   p.add_argument("--steps-limit", type=int, default=None, help="run only K steps spread over each chain")
+  p.add_argument("--profile", default=None, help="chain part: also trace one run of each chain into "
+                 "this folder and print device busy / idle time and the top kernels")
+  p.add_argument("--warmup", type=int, default=1, help="chain part: run each chain once untimed first (0: no)")
   p.add_argument("--calls", type=int, default=8, help="model calls timed in the calls part")
   defaults = EngineOptions()
   p.add_argument("--head-buckets", type=int, default=defaults.head_buckets)
   p.add_argument("--group-buckets", type=int, default=defaults.group_buckets)
   p.add_argument("--token-buckets", type=int, default=defaults.token_buckets)
+  p.add_argument("--engines", default="buckets", help="DyDiT engines to time in the chain part: "
+                 "buckets (one program, per-layer lax.switch) and/or segments (one program per range of steps)")
+  p.add_argument("--segments", type=int, default=8, help="segment engine: ranges of steps (programs)")
+  p.add_argument("--width-multiple", type=int, default=1,
+                 help="segment engine: round each layer's head / group count up to a multiple of this")
   p.add_argument("--token-caps", default="calibrated", choices=("calibrated", "uniform"),
                  help="token capacities fitted to a calibration batch, or uniform j/T")
   p.add_argument("--matmul-size", type=int, default=None, help="default 8192 on GPU, 1024 on CPU")
@@ -356,6 +415,9 @@ def parse(argv: Sequence[str] | None = None):
   if unknown:
     p.error(f"unknown samplers {sorted(unknown)}; choose from {sorted(SAMPLER_SPECS)}")
   args.forward_attention = [s for s in args.forward_attention.split(",") if s]
+  args.engines = [s for s in args.engines.split(",") if s]
+  if set(args.engines) - {"buckets", "segments"}:
+    p.error(f"--engines takes buckets and/or segments, got {args.engines}")
   args.parts = [s for s in args.parts.split(",") if s]
   args.routers = args.routers or ("checkpoint" if args.ckpt else "synthetic:0.5")
   return args

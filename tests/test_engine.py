@@ -17,6 +17,7 @@ from dydit_jax.engine import cost, sampling
 from dydit_jax.engine.buckets import choose_caps, padded_counts, token_caps
 from dydit_jax.engine.engine import DynamicEngine, EngineOptions, compute_model
 from dydit_jax.engine.plan import WidthPlan
+from dydit_jax.engine.segments import SegmentEngine, partition_steps
 from dydit_jax.engine.synthetic import calibrate_token_routers, set_synthetic_routers
 from dydit_jax.models import DiT, flops
 from dydit_jax.models.layers import sincos_pos_embed_2d
@@ -231,3 +232,86 @@ def test_synthetic_routers_hit_target_exactly_on_fitted_steps():
   assert abs(plan.macs_ratio() - 0.6) < 0.03
   counts = plan.head_counts
   assert counts[-1].mean() > counts[0].mean()                 # more width at low noise (tilt > 0)
+
+
+# Segment engine: static widths per range of steps (engine.segments) --------------------------------
+
+@pytest.fixture(scope="module")
+def segmented(setup):
+  model, _, plan, *_ = setup
+  engine = SegmentEngine(model, plan, FP32, num_segments=3)
+  return engine, jax.jit(engine.apply)
+
+
+def test_segment_engine_call_matches_masked_forward(setup, segmented):
+  model, _, plan, _, _, reference = setup
+  engine, apply = segmented
+  assert len(engine.bounds) == 3
+  head, group = engine.width_capacities(np.arange(plan.num_steps))
+  assert np.all(head >= plan.head_counts) and np.all(group >= plan.group_counts)
+  assert np.any(head > plan.head_counts)                     # union padding is exercised
+  for (start, stop), row in zip(engine.bounds, (0, 125, 249)):
+    row = min(max(row, start), stop - 1)
+    x, t, y = _inputs(model.config, int(plan.timesteps[row]), seed=row)
+    want, masks = reference(x, t, y)
+    got, kept = apply(engine.arrays, x, t, y, row)
+    assert rel_l2(got, want) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(kept).T, np.asarray(masks["token"].sum(-1)))
+
+
+def test_segment_engine_ddpm250_chain_matches_reference(setup, segmented):
+  model, diffusion, plan, *_ = setup
+  engine, _ = segmented
+  cfg = model.config
+  labels = jnp.array([3, 5])
+  noise = jax.random.normal(jax.random.key(7), (4, cfg.input_size, cfg.input_size, cfg.in_channels))
+  key = jax.random.key(8)
+  graphdef, state = nnx.split(model)
+  fn = lambda m: lambda x, t: forward_with_cfg(m, x, t, cfg_labels(labels, cfg.num_classes), 1.5)
+  want = jax.jit(lambda s: ddpm_sample(fn(nnx.merge(graphdef, s)), diffusion, noise, key))(state)
+
+  @jax.jit
+  def fast(arrays):
+    pieces = [(rows, sampling.guided(f, labels, cfg_scale=1.5, num_classes=cfg.num_classes))
+              for rows, f in engine.forwards(arrays)]
+    return sampling.sample_pieces(pieces, diffusion, noise, key)
+
+  got, kept = fast(engine.arrays)
+  assert kept.shape == (250, cfg.depth, 4)
+  assert rel_l2(got, want) <= 1e-4
+  steps = np.arange(250)
+  analytic = cost.analytic_macs(plan, kept, steps)
+  assert analytic < cost.padded_macs(engine, kept, steps, include_router=False) < 2 * analytic
+
+
+def test_partition_steps_is_optimal():
+  rng = np.random.default_rng(3)
+  cfg = tiny_config(dynamic=True, depth=2)
+  steps = 7
+  head, group = (rng.random((steps, cfg.depth, cfg.num_heads)) < 0.5 for _ in range(2))
+  plan = WidthPlan(cfg, np.arange(steps, dtype=np.int32)[::-1].copy(), head, group)
+  attn, mlp = flops.layer_macs(cfg)
+
+  def computed(bounds):
+    return sum((b - a) * (head[a:b].any(0).sum(-1) * attn + group[a:b].any(0).sum(-1) * mlp).sum()
+               for a, b in bounds)
+
+  import itertools
+  for k in (1, 2, 3):
+    bounds = partition_steps(plan, k)
+    assert len(bounds) <= k and bounds[0][0] == 0 and bounds[-1][1] == steps
+    assert all(b[1] == c[0] for b, c in zip(bounds, bounds[1:]))
+    best = min(computed(list(zip((0,) + cuts, cuts + (steps,))))
+               for n in range(k) for cuts in itertools.combinations(range(1, steps), n))
+    assert computed(bounds) == best
+
+
+def test_sample_pieces_must_cover_the_steps(setup):
+  _, diffusion, *_ = setup
+  forward = lambda x, t, row: (x, ())
+  noise = jnp.zeros((1, 2, 2, 1))
+  with pytest.raises(ValueError, match="every requested step"):
+    sampling.sample_pieces([(np.arange(100), forward)], diffusion, noise, jax.random.key(0))
+  with pytest.raises(ValueError, match="every requested step"):   # out of order
+    sampling.sample_pieces([(np.arange(100, 250), forward), (np.arange(100), forward)], diffusion, noise,
+                           jax.random.key(0))

@@ -6,10 +6,10 @@ from dydit_jax.diffusion.gaussian import (GaussianDiffusion, LossType, ModelMean
                                           ModelVarType, get_named_beta_schedule)
 from dydit_jax.diffusion.respace import SpacedDiffusion, create_diffusion, space_timesteps
 from dydit_jax.diffusion.samplers import (ddim_sample, ddim_step, ddpm_sample, ddpm_step,
-                                          sampling_timesteps)
+                                          run_chain, sampling_timesteps)
 
 __all__ = [
     "GaussianDiffusion", "LossType", "ModelMeanType", "ModelVarType", "SpacedDiffusion",
     "create_diffusion", "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step",
-    "get_named_beta_schedule", "sampling_timesteps", "space_timesteps",
+    "get_named_beta_schedule", "run_chain", "sampling_timesteps", "space_timesteps",
 ]

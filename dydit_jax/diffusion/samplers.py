@@ -25,8 +25,7 @@ import numpy as np
 
 from dydit_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, compute_dtype
 
-# step_fn(x, t, noise) -> (x_prev, pred_xstart); t are indices of the (spaced) chain.
-StepFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple]
+SAMPLERS = ("ddpm", "ddim")
 
 
 def sampling_timesteps(diffusion: GaussianDiffusion) -> np.ndarray:
@@ -81,22 +80,43 @@ def ddim_step(model_fn: ModelFn, diffusion: GaussianDiffusion, x, t, noise,
   return mean + _nonzero_mask(t, x) * sigma * noise, pred_xstart
 
 
-def _sample_loop(step_fn: StepFn, diffusion: GaussianDiffusion, noise, key):
-  """Scans step_fn over indices T-1 .. 0, drawing each step's noise from its own key."""
-  x = noise.astype(compute_dtype(noise))
-  num_steps = diffusion.num_timesteps
-  indices = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
-  keys = jax.random.split(key, num_steps)
+# forward(x, t_original (B,), row) -> (model output, aux); row = position in sampling order.
+ChainForward = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple]
 
-  def body(x, step):
-    index, step_key = step
-    t = jnp.full((x.shape[0],), index, dtype=jnp.int32)
+
+def run_chain(forward: ChainForward, diffusion: GaussianDiffusion, x, key, *, method: str = "ddpm",
+              eta: float = 0.0, positions=None, clip_denoised: bool = False):
+  """Scans the chain's steps from x; returns (x_0, aux of `forward` stacked over the executed steps).
+
+  The one sampling loop of the project: `ddpm_sample` / `ddim_sample` wrap it, and the fast engine
+  uses it with forwards that also report routed-token counts (aux) and read their plan row.
+  positions: sampling-order positions to run (0 = the noisiest step), default all. Step i draws its
+  noise from key i of `jax.random.split(key, T)`, whichever subset runs, so consecutive pieces of one
+  chain (`positions` split in order, x handed on) equal the whole chain.
+  """
+  if method not in SAMPLERS:
+    raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
+  num = diffusion.num_timesteps
+  positions = np.arange(num) if positions is None else np.asarray(positions, np.int32)
+  indices = (num - 1 - positions).astype(np.int32)
+  keys = jax.random.split(key, num)[positions]
+  timesteps = diffusion.timestep_map[indices]
+  x = x.astype(compute_dtype(x))
+  batch = x.shape[0]
+
+  def body(x, xs):
+    row, index, t, step_key = xs
+    out, aux = forward(x, jnp.full((batch,), t, jnp.int32), row)
     z = jax.random.normal(step_key, x.shape, x.dtype)
-    x, _ = step_fn(x, t, z)
-    return x, None
+    chain_t = jnp.full((batch,), index, jnp.int32)
+    if method == "ddpm":
+      x, _ = ddpm_step(lambda *_: out, diffusion, x, chain_t, z, clip_denoised=clip_denoised)
+    else:
+      x, _ = ddim_step(lambda *_: out, diffusion, x, chain_t, z, eta=eta, clip_denoised=clip_denoised)
+    return x, aux
 
-  x, _ = jax.lax.scan(body, x, (indices, keys))
-  return x
+  xs = (jnp.asarray(positions), jnp.asarray(indices), jnp.asarray(timesteps), keys)
+  return jax.lax.scan(body, x, xs)
 
 
 def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise, key,
@@ -113,9 +133,8 @@ def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise, key,
   Returns:
     x_0 samples, (B, H, W, C).
   """
-  def step(x, t, z):
-    return ddpm_step(model_fn, diffusion, x, t, z, clip_denoised=clip_denoised)
-  return _sample_loop(step, diffusion, noise, key)
+  return run_chain(lambda x, t, row: (model_fn(x, t), None), diffusion, noise, key,
+                   method="ddpm", clip_denoised=clip_denoised)[0]
 
 
 def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise, key,
@@ -124,6 +143,5 @@ def ddim_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise, key,
 
   Arguments as `ddpm_sample`, plus `eta` (0 = deterministic DDIM). Returns x_0 samples.
   """
-  def step(x, t, z):
-    return ddim_step(model_fn, diffusion, x, t, z, eta=eta, clip_denoised=clip_denoised)
-  return _sample_loop(step, diffusion, noise, key)
+  return run_chain(lambda x, t, row: (model_fn(x, t), None), diffusion, noise, key,
+                   method="ddim", eta=eta, clip_denoised=clip_denoised)[0]

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from dydit_jax.engine.blocks import attention_branches, dynamic_block, mlp_branches, mlp_keys
-from dydit_jax.engine.engine import DynamicEngine
+from dydit_jax.engine.engine import DynamicEngine, EngineBase
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.models import flops
 from dydit_jax.models.dit import DiT
@@ -133,22 +133,23 @@ def _call_buckets(engine: DynamicEngine, kept: np.ndarray, rows: np.ndarray):
           token_bucket)
 
 
-def padded_macs(engine: DynamicEngine, kept: np.ndarray, rows: np.ndarray, *, include_router: bool = True) -> float:
+def padded_macs(engine: EngineBase, kept: np.ndarray, rows: np.ndarray, *, include_router: bool = True) -> float:
   """MACs at the compiled capacities (+ by default the token router, which the engine runs on every
-  token; without it the ratio to `analytic_macs` is the pure bucket-padding overhead)."""
-  spec, cfg = engine.spec, engine.config
+  token; without it the ratio to `analytic_macs` is the pure padding overhead). Any engine: widths
+  from `engine.width_capacities`, token capacities from its `spec`."""
+  cfg = engine.config
   kept, rows = np.asarray(kept), np.asarray(rows)
   batch = kept.shape[-1]
-  head_bucket, group_bucket, token_bucket = _call_buckets(engine, kept, rows)
-  tcaps = np.asarray(mlp_keys(spec, batch * cfg.num_tokens)[2], np.int64)
-  heads, groups = np.asarray(spec.head_caps, np.int64), np.asarray(spec.group_caps, np.int64)
+  tcaps = np.asarray(mlp_keys(engine.spec, batch * cfg.num_tokens)[2], np.int64)
+  token_cap = tcaps[np.searchsorted(tcaps, kept.sum(-1), side="left")]
+  heads, groups = (c.astype(np.int64) for c in engine.width_capacities(rows))
   attn, mlp = flops.layer_macs(cfg)
   n, h = cfg.num_tokens, cfg.num_heads
   mod = flops.modulation_macs(cfg)
   router = flops.router_macs(cfg)["token"] if include_router else 0
   static = len(rows) * batch * (cfg.depth * (flops.block_adaln_macs(cfg) + mod + router) + flops.embed_macs(cfg))
-  attention = (batch * heads[head_bucket] * (attn // h)).sum()
-  mlp_part = (tcaps[token_bucket] * (groups[group_bucket] * (mlp // (h * n)) + mod // n)).sum()
+  attention = (batch * heads * (attn // h)).sum()
+  mlp_part = (token_cap * (groups * (mlp // (h * n)) + mod // n)).sum()
   return float(attention + mlp_part + static)
 
 

@@ -18,10 +18,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dydit_jax.engine.blocks import BlockSpec, dynamic_block, mlp_keys
-from dydit_jax.engine.buckets import choose_caps, plan_tables
+from dydit_jax.engine.buckets import choose_caps, padded_counts, plan_tables
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.models.dit import DiT
 
@@ -68,46 +69,77 @@ class EngineOptions:
   token_fractions: tuple[float, ...] | None = None
 
 
-class DynamicEngine:
-  """Fast eval-mode DyDiT for the timesteps of one `WidthPlan`.
+class EngineBase:
+  """What every engine shares: the plan, the compute copy of the model, and the call interface.
 
-  engine.apply(engine.arrays, x, t, y, row) -> (out (B,H,W,2C) float32, kept (L,B) int32).
-  `row` is the plan row (the sampling step); with row=None it is looked up from t, and a t outside the
-  plan (or a batch whose t differ) yields NaN output instead of a host-side error inside jit.
+  engine.apply(engine.arrays, x, t, y, row) -> (out (B,H,W,2C) float32, kept (L,B) int32 MLP-routed
+  tokens per layer and sample). `row` is the plan row (the sampling step); with row=None it is looked
+  up from t, and a t outside the plan (or a batch whose t differ) yields NaN output instead of a
+  host-side error inside jit. `forwards(arrays)` lists the pieces a sampling chain runs
+  (`engine.sampling.sample_pieces`); `width_capacities(rows)` the head / group counts computed.
   """
 
-  def __init__(self, model: DiT, plan: WidthPlan, options: EngineOptions = EngineOptions()):
+  def __init__(self, model: DiT, plan: WidthPlan, options: EngineOptions):
     if plan.config.replace(dtype="float32", attention_impl=None) != \
         model.config.replace(dtype="float32", attention_impl=None):
       raise ValueError("the plan was computed for a different model geometry")
     self.plan = plan
     self.options = options
     cmodel = compute_model(model, options.dtype, options.attention_impl)
-    self.graphdef, state = nnx.split(cmodel)
-    self.spec = BlockSpec(cmodel.config, jnp.dtype(options.dtype).name, options.attention_impl,
-                          choose_caps(plan.head_counts, options.head_buckets),
-                          choose_caps(plan.group_counts, options.group_buckets), options.token_buckets,
-                          options.token_fractions)
-    tables = jax.tree.map(jnp.asarray, plan_tables(plan, self.spec.head_caps, self.spec.group_caps))
-    self.arrays = {"state": state, "tables": tables, "row_of_t": jnp.asarray(plan.row_of_t())}
+    self.graphdef, self.state = nnx.split(cmodel)
+    self.compute_config = cmodel.config
 
   @property
   def config(self):
-    return self.spec.config
+    return self.compute_config
+
+  def block_spec(self, head_caps, group_caps) -> BlockSpec:
+    o = self.options
+    return BlockSpec(self.compute_config, jnp.dtype(o.dtype).name, o.attention_impl, tuple(head_caps),
+                     tuple(group_caps), o.token_buckets, o.token_fractions)
+
+  def _row(self, arrays, t, row):
+    """(row, valid): the plan row, looked up from t when None (valid False off the plan)."""
+    if row is not None:
+      return row, True
+    looked_up = arrays["row_of_t"][t[0]]
+    return jnp.maximum(looked_up, 0), (looked_up >= 0) & jnp.all(t == t[0])
+
+  def __call__(self, x, t, y):
+    """model(x, t, y)-style call on the engine's own arrays (output only)."""
+    return self.apply(self.arrays, x, t, y)[0]
+
+
+class DynamicEngine(EngineBase):
+  """Fast eval-mode DyDiT: one program, per-layer widths picked by `lax.switch` over buckets."""
+
+  label = "buckets"
+
+  def __init__(self, model: DiT, plan: WidthPlan, options: EngineOptions = EngineOptions()):
+    super().__init__(model, plan, options)
+    self.spec = self.block_spec(choose_caps(plan.head_counts, options.head_buckets),
+                                choose_caps(plan.group_counts, options.group_buckets))
+    tables = jax.tree.map(jnp.asarray, plan_tables(plan, self.spec.head_caps, self.spec.group_caps))
+    self.arrays = {"state": self.state, "tables": tables, "row_of_t": jnp.asarray(plan.row_of_t())}
 
   def variants(self, batch: int) -> dict[str, int]:
     """Static block variants compiled into one program for `batch` rows (all in one scan body)."""
-    return {"attention": len(self.spec.head_caps),
+    return {"programs": 1, "attention": len(self.spec.head_caps),
             "mlp": len(mlp_keys(self.spec, batch * self.config.num_tokens)[0])}
 
+  def width_capacities(self, rows) -> tuple[np.ndarray, np.ndarray]:
+    """(head, group) capacities computed at plan `rows`, each (R, L)."""
+    rows = np.asarray(rows)
+    return (padded_counts(self.plan.head_counts[rows], self.spec.head_caps),
+            padded_counts(self.plan.group_counts[rows], self.spec.group_caps))
+
+  def forwards(self, arrays):
+    return [(np.arange(self.plan.num_steps), lambda x, t, y, row: self.apply(arrays, x, t, y, row))]
+
   def apply(self, arrays, x: jax.Array, t: jax.Array, y: jax.Array, row=None):
-    """Pure forward (traceable); see the class docstring."""
+    """Pure forward (traceable); see `EngineBase`."""
     model = nnx.merge(self.graphdef, arrays["state"])
-    valid = True
-    if row is None:
-      row = arrays["row_of_t"][t[0]]
-      valid = (row >= 0) & jnp.all(t == t[0])
-      row = jnp.maximum(row, 0)
+    row, valid = self._row(arrays, t, row)
     tables = jax.tree.map(lambda a: a[row], arrays["tables"])
     tokens, c, _ = model.embed(x, t, y)
     block_def, block_state = nnx.split(model.blocks)
@@ -119,7 +151,3 @@ class DynamicEngine:
     tokens, kept = jax.lax.scan(layer, tokens, (block_state, tables))
     out = model.unpatchify(model.final_layer(tokens, c))
     return jnp.where(valid, out, jnp.nan), kept
-
-  def __call__(self, x, t, y):
-    """model(x, t, y)-style call on the engine's own arrays (output only)."""
-    return self.apply(self.arrays, x, t, y)[0]

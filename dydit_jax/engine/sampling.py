@@ -1,11 +1,11 @@
-"""Whole sampling chains (DDPM / DDIM, optional CFG) as one traceable loop that also returns stats.
+"""Whole sampling chains (DDPM / DDIM, optional CFG) through an engine, returning routed-token stats.
 
-The diffusion helper's `ddpm_sample` / `ddim_sample` take `model_fn(x, t) -> output` and keep nothing
-else; the engine also reports, per call, how many tokens each sample routed through each layer's MLP
-(needed for honest MAC counts). This loop therefore calls the forward itself and hands its output to
-the public `ddpm_step` / `ddim_step` through a constant model_fn. The noise protocol is the samplers'
-(x_T in float32, one key per step split from `key`), so with the same key the chain equals
-`ddpm_sample` / `ddim_sample` on the same model.
+The loop itself is `dydit_jax.diffusion.run_chain` (the noise protocol of `ddpm_sample` /
+`ddim_sample`: x_T in float32, step i's noise from key i of one split), so with the same key a chain
+here equals `ddpm_sample` / `ddim_sample` on the same model. What this module adds: CFG around a
+forward that also returns aux (the engine's routed-token counts per layer), and chains run as
+consecutive pieces, each with its own forward (a segmented engine compiles one program per range of
+steps; `engine.forwards` lists them).
 
 `steps` runs a subset of the chain's steps (sampling order positions, e.g. every 5th of 250) for
 timing on a budget: each executed step uses its true timestep, plan row and schedule coefficients,
@@ -19,13 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dydit_jax.diffusion.gaussian import compute_dtype
-from dydit_jax.diffusion.samplers import ddim_step, ddpm_step
+from dydit_jax.diffusion.samplers import run_chain
 from dydit_jax.models.guidance import cfg_labels, forward_with_cfg
 
 # forward(x, t_original (B,), y (B,), row) -> (model output, aux pytree)
 Forward = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
-SAMPLERS = ("ddpm", "ddim")
 
 
 def guided(forward: Forward, labels: jax.Array, *, cfg_scale: float | None, num_classes: int):
@@ -54,30 +52,28 @@ def guided(forward: Forward, labels: jax.Array, *, cfg_scale: float | None, num_
 
 def sample(step_forward, diffusion, noise: jax.Array, key: jax.Array, *, method: str = "ddpm",
            eta: float = 0.0, steps: Sequence[int] | None = None):
-  """Runs the chain; returns (x_0, aux stacked over executed steps).
+  """Runs the chain with one forward; returns (x_0, aux stacked over executed steps).
 
   step_forward(x, t_original (B,), row) -> (output, aux), e.g. from `guided`; row = position in
   sampling order (0 = the noisiest step), which is the engine's plan row.
   """
-  if method not in SAMPLERS:
-    raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
-  num = diffusion.num_timesteps
-  positions = np.arange(num) if steps is None else np.asarray(steps, np.int32)
-  indices = (num - 1 - positions).astype(np.int32)
-  keys = jax.random.split(key, num)[positions]
-  timesteps = diffusion.timestep_map[indices]
-  x = noise.astype(compute_dtype(noise))
-  batch = x.shape[0]
+  return run_chain(step_forward, diffusion, noise, key, method=method, eta=eta, positions=steps)
 
-  def body(x, xs):
-    row, index, t, step_key = xs
-    out, aux = step_forward(x, jnp.full((batch,), t, jnp.int32), row)
-    z = jax.random.normal(step_key, x.shape, x.dtype)
-    chain_t = jnp.full((batch,), index, jnp.int32)
-    if method == "ddpm":
-      x, _ = ddpm_step(lambda *_: out, diffusion, x, chain_t, z)
-    else:
-      x, _ = ddim_step(lambda *_: out, diffusion, x, chain_t, z, eta=eta)
-    return x, aux
 
-  return jax.lax.scan(body, x, (jnp.asarray(positions), jnp.asarray(indices), jnp.asarray(timesteps), keys))
+def sample_pieces(pieces, diffusion, noise: jax.Array, key: jax.Array, *, method: str = "ddpm",
+                  eta: float = 0.0, steps: Sequence[int] | None = None):
+  """Runs the chain as consecutive pieces [(plan rows, step_forward), ...] in sampling order.
+
+  Each piece scans the rows it owns (intersected with `steps`); pieces with no executed row are
+  skipped. Returns (x_0, aux concatenated over the executed steps in order).
+  """
+  wanted = np.unique(np.arange(diffusion.num_timesteps) if steps is None else np.asarray(steps))
+  owned = [np.intersect1d(np.asarray(rows), wanted) for rows, _ in pieces]
+  if sum(len(p) for p in owned) != len(wanted) or not np.array_equal(np.concatenate(owned), wanted):
+    raise ValueError("the pieces must own every requested step once, in sampling order")
+  x, auxes = noise, []
+  for positions, (_, step_forward) in zip(owned, pieces):
+    if positions.size:
+      x, aux = run_chain(step_forward, diffusion, x, key, method=method, eta=eta, positions=positions)
+      auxes.append(aux)
+  return x, jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)

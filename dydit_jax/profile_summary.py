@@ -1,0 +1,88 @@
+"""Where device time goes: a text summary of a `jax.profiler` trace, readable without TensorBoard.
+
+The engine's gap to its ideal speed on a GPU (docs/benchmarks.md) is either idle device time (host
+round trips for branch predicates, launch latency) or slow kernels (odd matmul shapes, gathers). A
+trace answers which: `summarize` reports the span from the first to the last kernel, the time some
+kernel was running (union over streams), and the kernels with the most total time.
+
+  with jax.profiler.trace(logdir): run()
+  print(format_summary(summarize(logdir)))
+
+Device planes ("/device:...") are read when present (GPU, TPU); otherwise the XLA threads of the host
+plane (CPU runs), so the same code path is exercised in CPU tests.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class TraceSummary:
+  span_ms: float                                  # first kernel start -> last kernel end
+  busy_ms: float                                  # union of kernel intervals
+  kernels: list[tuple[str, float, int]]           # (name, total ms, count), most time first
+  source: str                                     # which plane / lines were read
+
+  @property
+  def idle_fraction(self) -> float:
+    return 1.0 - self.busy_ms / self.span_ms if self.span_ms else 0.0
+
+
+def _latest_trace(logdir) -> Path:
+  files = sorted(Path(logdir).glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+  if not files:
+    raise FileNotFoundError(f"no *.xplane.pb under {logdir}: was jax.profiler.trace used there?")
+  return files[-1]
+
+
+def _kernel_lines(profile):
+  """(source name, lines holding one event per kernel execution)."""
+  devices = [p for p in profile.planes if p.name.startswith("/device:")]
+  if devices:
+    plane = devices[0]
+    lines = [l for l in plane.lines if l.name.startswith("Stream")] or list(plane.lines)
+    return plane.name, lines
+  host = next(p for p in profile.planes if p.name == "/host:CPU")
+  return "/host:CPU XLA client threads", [l for l in host.lines if "XLAPjRtCpuClient" in l.name]
+
+
+def summarize(logdir, top: int = 25) -> TraceSummary:
+  """Summary of the newest trace under `logdir`."""
+  from jax.profiler import ProfileData  # Lazy: only benchmarks profile.
+
+  profile = ProfileData.from_file(str(_latest_trace(logdir)))
+  source, lines = _kernel_lines(profile)
+  intervals, totals, counts = [], collections.Counter(), collections.Counter()
+  for line in lines:
+    for event in line.events:
+      if event.duration_ns <= 0 or event.name.startswith("ThreadpoolListener"):
+        continue
+      intervals.append((event.start_ns, event.start_ns + event.duration_ns))
+      totals[event.name] += event.duration_ns
+      counts[event.name] += 1
+  if not intervals:
+    return TraceSummary(0.0, 0.0, [], source)
+  intervals.sort()
+  busy, (cur_start, cur_end) = 0.0, intervals[0]
+  for start, end in intervals[1:]:
+    if start > cur_end:
+      busy += cur_end - cur_start
+      cur_start, cur_end = start, end
+    else:
+      cur_end = max(cur_end, end)
+  busy += cur_end - cur_start
+  span = max(e for _, e in intervals) - intervals[0][0]
+  kernels = [(name, ns / 1e6, counts[name]) for name, ns in totals.most_common(top)]
+  return TraceSummary(span / 1e6, busy / 1e6, kernels, source)
+
+
+def format_summary(s: TraceSummary, title: str = "") -> str:
+  lines = [f"profile {title} ({s.source}): span {s.span_ms:.1f} ms, kernels running {s.busy_ms:.1f} ms, "
+           f"idle {100 * s.idle_fraction:.1f}%",
+           "| kernel | total ms | calls | % of busy |", "|---|---|---|---|"]
+  for name, ms, count in s.kernels:
+    share = 100 * ms / s.busy_ms if s.busy_ms else 0.0
+    lines.append(f"| {name[:90]} | {ms:.2f} | {count} | {share:.1f} |")
+  return "\n".join(lines)

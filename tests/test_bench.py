@@ -1,0 +1,36 @@
+"""The benchmark CLI runs end to end on a small model (CPU: correctness of the tooling, not speed),
+and the profile summary reads a real trace."""
+import jax
+import jax.numpy as jnp
+
+from dydit_jax import bench, profile_summary
+
+
+def test_profile_summary_reads_a_trace(tmp_path):
+  f = jax.jit(lambda a: jnp.tanh(a @ a) @ a)
+  a = jnp.ones((256, 256))
+  f(a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(3):
+      f(a).block_until_ready()
+  s = profile_summary.summarize(tmp_path)
+  assert s.kernels and s.kernels[0][1] > 0 and s.kernels[0][2] >= 3
+  assert 0 < s.busy_ms <= s.span_ms + 1e-6
+  text = profile_summary.format_summary(s, "toy")
+  assert "idle" in text and s.kernels[0][0][:20] in text
+
+
+def test_bench_chain_rows_for_dense_and_both_engines(tmp_path, capsys):
+  rows = bench.main(["--model", "DiT-S/8", "--batch", "1", "--samplers", "ddim50", "--steps-limit", "2",
+                     "--parts", "chain", "--engines", "buckets,segments", "--segments", "2",
+                     "--routers", "synthetic:0.5", "--profile", str(tmp_path / "prof"),
+                     "--json", str(tmp_path / "bench.json")])
+  assert [r["model"] for r in rows] == ["dense", "DyDiT buckets", "DyDiT segments x2"]
+  for r in rows:
+    assert "ERROR" not in r.get("note", "") and r["ms/call"] > 0
+  for r in rows[1:]:
+    assert 0.3 < r["MACs ratio"] < 0.7 and r["speedup"] > 0
+    assert "the analytic MACs" in r["note"]
+  out = capsys.readouterr().out
+  assert out.count("profile ddim50_xla_") == 3
+  assert (tmp_path / "bench.json").stat().st_size > 100
