@@ -12,7 +12,8 @@ Parts (`--parts`, each in its own try/except so one failure never hides the othe
            `chain:IMPL:SAMPLER` picks the attention implementation and one sampler.
   calls    --calls N single model calls (dense and DyDiT) per attention implementation, no sampler.
   cost     analytic MACs vs MACs at the compiled capacities vs XLA's cost analysis for the first
-           chain that ran (see `dydit_jax.engine.cost`; compiles every branch: slow on big models).
+           DyDiT chain that ran, either engine (see `dydit_jax.engine.cost`; compiles every block
+           piece: slow on big models).
 
 Weights: --ckpt DIR (a converted checkpoint, `dydit_jax.checkpoints.load_model`), else random (the
 zero-initialized adaLN / final layers too, so activations and token decisions are non-trivial).
@@ -347,10 +348,9 @@ class Bench:
           self.error(f"calls {impl} {name}", e)
 
   def part_cost(self):
-    runs = [r for r in self.chain_runs if isinstance(r[1], DynamicEngine)]
-    if not runs:
-      raise RuntimeError("XLA costing covers the bucket engine: run the chain part with --engines buckets")
-    sampler, engine, kept, steps = runs[0]
+    if not self.chain_runs:
+      raise RuntimeError("the cost part needs a DyDiT chain (part 'chain') that ran")
+    sampler, engine, kept, steps = self.chain_runs[0]
     start = time.perf_counter()
     branch = cost.engine_branch_costs(engine, self.rows)
     dense = cost.dense_call_flops(self.dense(None), self.rows)

@@ -8,20 +8,26 @@
 # table as each row finishes (so a timeout still shows every finished row), then a summary table.
 # Rows, in priority order:
 #   matmul                 bf16 8192^3 matmul TFLOP/s: the ceiling for every "% matmul" cell
-#   chain cudnn ddpm250    DDPM-250 + CFG (scale 1.5), BATCH images = 2*BATCH rows per model call,
-#                          dense then DyDiT; STEPS of the 250 steps run (spread over the schedule,
-#                          each with its true t, plan row and coefficients) and s/image extrapolated
-#                          to 250 steps; "compile s" of the DyDiT row is the engine compile for XL
-#   forward xla / cudnn    one dense forward at 256 rows (the ">= 60% of matmul" check)
-#   chain xla ddpm250      the same chains with XLA attention (xla vs cudnn, dense and DyDiT)
-#   chain cudnn ddim50     full DDIM-50 + CFG chains
+#   chain ATTN ddpm250     DDPM-250 + CFG (scale 1.5), BATCH images = 2*BATCH rows per model call:
+#                          dense, then each DyDiT engine of ENGINES (buckets: one program with a
+#                          per-layer lax.switch over width buckets; segments: SEGMENTS programs with
+#                          static per-layer widths, layers unrolled); STEPS of the 250 steps run
+#                          (spread over the schedule, each with its true t, plan row and coefficients),
+#                          s/image extrapolated to 250 steps; "compile s" = engine compile for XL
+#                          (segment programs compile in parallel threads); each chain runs once
+#                          untimed first. With PROFILE=1 each chain is traced once more and the
+#                          device busy / idle time and top kernels are printed under its row.
+#   forward ATTN           one dense forward at 256 rows (the ">= 60% of matmul" check)
+#   chain ATTN ddim50      full DDIM-50 + CFG chains, same engines
 # Weights are random (speed depends on them only through the masks); routers are synthetic
 # (`dydit_jax.engine.synthetic`): more width at low noise, 85% of tokens routed on a calibration
 # batch, MACs ratio ~0.49 of dense.
 #
 # Environment: BUDGET hard limit in seconds (default 285), BATCH images (default 128), MODEL
-# (default DiT-XL/2; e.g. MODEL=DiT-S/8 BATCH=1 STEPS=2 for a CPU smoke run),
-# STEPS chain steps actually run (default 50), OUT output folder (default workdir_bench: ignored by
+# (default DiT-XL/2), ATTENTION cudnn | xla (default cudnn; a CPU smoke run:
+# MODEL=DiT-S/8 BATCH=1 STEPS=2 SEGMENTS=2 ATTENTION=xla),
+# STEPS chain steps actually run (default 25), ENGINES (default buckets,segments), SEGMENTS
+# (default 8), PROFILE (default 1; 0 = no traces), OUT output folder (default workdir_bench: ignored by
 # git; holds bench.json and bench.log), EXTRA more bench flags, e.g. EXTRA="--head-buckets 4
 # --group-buckets 4 --token-buckets 6" (fewer compiled branches) or "--token-keep 1.0" (width only).
 set -uo pipefail
@@ -32,12 +38,16 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
   || echo "nvidia-smi not available"
 
+ATTN="${ATTENTION:-cudnn}"
+PROFILE_FLAG=""
+if [ "${PROFILE:-1}" != 0 ]; then PROFILE_FLAG="--profile $OUT/prof"; fi
 timeout -k 15 "${BUDGET:-285}" python -u -m dydit_jax.bench \
   --model "${MODEL:-DiT-XL/2}" --image-size 256 --dtype bfloat16 --batch "${BATCH:-128}" --cfg-scale 1.5 \
-  --routers synthetic:0.49 --samplers ddpm250,ddim50 --steps-limit "${STEPS:-50}" \
+  --routers synthetic:0.49 --samplers ddpm250,ddim50 --steps-limit "${STEPS:-25}" \
+  --engines "${ENGINES:-buckets,segments}" --segments "${SEGMENTS:-8}" \
   --forward-batch 256 --iters 5 \
-  --parts matmul,chain:cudnn:ddpm250,forward:xla,forward:cudnn,chain:xla:ddpm250,chain:cudnn:ddim50 \
-  --json "$OUT/bench.json" --verbose ${EXTRA:-} 2>&1 | tee "$OUT/bench.log"
+  --parts "matmul,chain:$ATTN:ddpm250,forward:$ATTN,chain:$ATTN:ddim50" \
+  --json "$OUT/bench.json" --verbose $PROFILE_FLAG ${EXTRA:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
   echo "TIMEOUT after ${BUDGET:-285}s: the rows printed above are the parts that finished"

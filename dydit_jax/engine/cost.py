@@ -3,7 +3,7 @@
 Three numbers per run (all for the executed model calls, CFG rows included):
 - `analytic`: exact MACs of what the masks ask for (`WidthPlan.macs` = `models.flops` accounting).
 - `padded`: the same formula at the capacities the engine actually computes (head / group counts
-  rounded up to their bucket, routed tokens rounded up to the token capacity of the call), plus the
+  rounded up to their bucket or segment union, routed tokens up to the call's token capacity), plus the
   token router the engine runs on every token (the width routers are planned, not run).
 - `xla`: FLOPs that XLA's cost analysis assigns to the compiled programs that ran, / 2 to compare
   as MACs.
@@ -11,12 +11,12 @@ Three numbers per run (all for the executed model calls, CFG rows included):
 Why not one `cost_analysis()` of the whole jitted sampler: XLA counts a while-loop body once (not
 times its trip count) and a conditional as its most expensive branch (checked on CPU: a 10-step scan
 costs one step; a 3-way switch costs its max). So each piece is compiled alone and costed (embed +
-final layer, the block's always-run part, every attention and MLP branch), and the pieces are
-combined with the counts the run actually took: the plan's buckets per (step, layer) and the token
-capacity implied by each call's routed-token total. The dense baseline is costed the same way (one
+final layer, the block's always-run part, every attention and MLP capacity), and the pieces are
+combined with the capacities the run actually took: `engine.width_capacities` per (step, layer) (any
+engine: buckets or segments) and the token capacity implied by each call's routed-token total. The dense baseline is costed the same way (one
 block x depth + embed/final). Pieces are costed with XLA attention, because a cuDNN custom call
 reports 0 FLOPs. `xla` ~ 2 x `padded` (plus elementwise work: softmax, GELU, norms) validates the
-accounting; `padded / analytic` is the bucket padding overhead.
+accounting; `padded / analytic` is the padding overhead of the capacities.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from dydit_jax.engine.blocks import attention_branches, dynamic_block, mlp_branches, mlp_keys
-from dydit_jax.engine.engine import DynamicEngine, EngineBase
+from dydit_jax.engine.engine import EngineBase
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.models import flops
 from dydit_jax.models.dit import DiT
@@ -61,22 +61,31 @@ def _inputs(cfg, batch: int):
 
 @dataclasses.dataclass
 class BranchCosts:
-  """XLA FLOPs of one model call's pieces at a fixed batch."""
+  """XLA FLOPs of one model call's pieces at a fixed batch, keyed by the capacities they compute."""
 
   embed_final: float
-  fixed: float                 # per block: adaLN, norms, token router, compaction, residuals
-  attention: list[float]       # per head capacity
-  mlp: list[float]             # per `mlp_keys` entry
+  fixed: float                           # per block: adaLN, norms, token router, compaction, residuals
+  attention: dict[int, float]            # per head capacity
+  mlp: dict                              # per `mlp_keys` entry: "none", "bias" or (groups, tokens)
 
 
-def engine_branch_costs(engine: DynamicEngine, batch: int) -> BranchCosts:
-  """Compiles and costs every piece of the engine's block (XLA attention) at `batch` rows."""
+def _layer_tables(cfg):
+  """Abstract tables of one layer and call (the `blocks` layout), for costing any engine."""
+  h = cfg.num_heads
+  one = {"idx": jax.ShapeDtypeStruct((h,), jnp.int32), "valid": jax.ShapeDtypeStruct((h,), jnp.float32),
+         "mask": jax.ShapeDtypeStruct((h,), jnp.float32), "bucket": jax.ShapeDtypeStruct((), jnp.int32)}
+  return {"head": one, "group": one}
+
+
+def engine_branch_costs(engine: EngineBase, batch: int) -> BranchCosts:
+  """Compiles and costs every block piece any layer of `engine` can run (XLA attention) at `batch`
+  rows: each head capacity, each (group, token) capacity pair, the always-run rest, embed + final."""
   spec = dataclasses.replace(engine.spec, attention_impl=None)
   cfg = spec.config
   state = engine.arrays["state"]
   block_def, block_state = nnx.split(nnx.merge(engine.graphdef, state).blocks)
   layer_state = _abstract(block_state, drop=1)
-  tab = _abstract(engine.arrays["tables"], drop=2)
+  tab = _layer_tables(cfg)
   rows, d = batch * cfg.num_tokens, cfg.hidden_size
   dt = spec.compute_dtype
   h = jax.ShapeDtypeStruct((batch, cfg.num_tokens, d), dt)
@@ -84,17 +93,17 @@ def engine_branch_costs(engine: DynamicEngine, batch: int) -> BranchCosts:
           jax.ShapeDtypeStruct((rows,), jnp.int32))
   block = lambda s: nnx.merge(block_def, s)
 
-  attention = [compiled_flops(lambda s, tb, x, i=i: attention_branches(block(s), spec, tb["head"])[i](x),
-                              layer_state, tab, h) for i in range(len(spec.head_caps))]
-  mlp = [compiled_flops(lambda s, tb, *a, i=i: mlp_branches(block(s), spec, tb["group"], rows)[i](*a),
-                        layer_state, tab, *flat) for i in range(len(mlp_keys(spec, rows)[0]))]
+  def attention_cost(cap):
+    one = dataclasses.replace(spec, head_caps=(cap,))
+    return compiled_flops(lambda s, tb, x: attention_branches(block(s), one, tb["head"])[0](x), layer_state, tab, h)
+
+  keys = mlp_keys(spec, rows)[0]
+  attention = {cap: attention_cost(cap) for cap in spec.head_caps}
+  mlp = {key: compiled_flops(lambda s, tb, *a, i=i: mlp_branches(block(s), spec, tb["group"], rows)[i](*a),
+                             layer_state, tab, *flat) for i, key in enumerate(keys)}
   bare = dataclasses.replace(spec, head_caps=(0,), group_caps=(0,))
-
-  def fixed_fn(s, tb, x, c):
-    tb = {kind: {**tb[kind], "bucket": jnp.int32(0)} for kind in tb}
-    return dynamic_block(block(s), bare, tb, x, c)
-
-  fixed = compiled_flops(fixed_fn, layer_state, tab, jax.ShapeDtypeStruct((batch, cfg.num_tokens, d), jnp.float32),
+  fixed = compiled_flops(lambda s, tb, x, c: dynamic_block(block(s), bare, tb, x, c), layer_state, tab,
+                         jax.ShapeDtypeStruct((batch, cfg.num_tokens, d), jnp.float32),
                          jax.ShapeDtypeStruct((batch, d), jnp.float32))
   embed_final = compiled_flops(lambda s, *a: _embed_final(engine.graphdef, s, *a), _abstract(state),
                                *_inputs(cfg, batch))
@@ -123,16 +132,6 @@ def analytic_macs(plan: WidthPlan, kept: np.ndarray, rows: np.ndarray) -> float:
   return float(plan.macs(full)[rows].sum())
 
 
-def _call_buckets(engine: DynamicEngine, kept: np.ndarray, rows: np.ndarray):
-  """Per executed (call, layer): head capacity id, group capacity id, token capacity id."""
-  batch = kept.shape[-1]
-  tcaps = mlp_keys(engine.spec, batch * engine.config.num_tokens)[2]
-  tables = engine.arrays["tables"]
-  token_bucket = np.searchsorted(np.asarray(tcaps), np.asarray(kept).sum(-1), side="left")
-  return (np.asarray(tables["head"]["bucket"])[rows], np.asarray(tables["group"]["bucket"])[rows],
-          token_bucket)
-
-
 def padded_macs(engine: EngineBase, kept: np.ndarray, rows: np.ndarray, *, include_router: bool = True) -> float:
   """MACs at the compiled capacities (+ by default the token router, which the engine runs on every
   token; without it the ratio to `analytic_macs` is the pure padding overhead). Any engine: widths
@@ -140,8 +139,7 @@ def padded_macs(engine: EngineBase, kept: np.ndarray, rows: np.ndarray, *, inclu
   cfg = engine.config
   kept, rows = np.asarray(kept), np.asarray(rows)
   batch = kept.shape[-1]
-  tcaps = np.asarray(mlp_keys(engine.spec, batch * cfg.num_tokens)[2], np.int64)
-  token_cap = tcaps[np.searchsorted(tcaps, kept.sum(-1), side="left")]
+  token_cap = _token_caps(engine, kept)
   heads, groups = (c.astype(np.int64) for c in engine.width_capacities(rows))
   attn, mlp = flops.layer_macs(cfg)
   n, h = cfg.num_tokens, cfg.num_heads
@@ -153,13 +151,21 @@ def padded_macs(engine: EngineBase, kept: np.ndarray, rows: np.ndarray, *, inclu
   return float(attention + mlp_part + static)
 
 
-def xla_macs(engine: DynamicEngine, costs: BranchCosts, kept: np.ndarray, rows: np.ndarray) -> float:
+def _token_caps(engine: EngineBase, kept: np.ndarray) -> np.ndarray:
+  """(R, L) token capacity each executed call and layer computed (kept: (R, L, B))."""
+  tcaps = np.asarray(mlp_keys(engine.spec, kept.shape[-1] * engine.config.num_tokens)[2], np.int64)
+  return tcaps[np.searchsorted(tcaps, kept.sum(-1), side="left")]
+
+
+def xla_macs(engine: EngineBase, costs: BranchCosts, kept: np.ndarray, rows: np.ndarray) -> float:
   """XLA's FLOPs of the pieces that ran (see the module docstring), / 2."""
   kept, rows = np.asarray(kept), np.asarray(rows)
-  head_bucket, group_bucket, token_bucket = _call_buckets(engine, kept, rows)
-  ids = mlp_keys(engine.spec, kept.shape[-1] * engine.config.num_tokens)[1]
+  heads, groups = engine.width_capacities(rows)
+  tokens = _token_caps(engine, kept)
   total = len(rows) * (costs.embed_final + engine.config.depth * costs.fixed)
-  total += np.asarray(costs.attention)[head_bucket].sum() + np.asarray(costs.mlp)[ids[group_bucket, token_bucket]].sum()
+  for h, g, t in zip(heads.ravel(), groups.ravel(), tokens.ravel()):
+    key = "none" if t == 0 else "bias" if g == 0 else (int(g), int(t))
+    total += costs.attention[int(h)] + costs.mlp[key]
   return float(total) / 2
 
 
@@ -174,7 +180,7 @@ class RunMacs:
   dense_xla: float
 
 
-def run_macs(engine: DynamicEngine, costs: BranchCosts, dense_flops: float, kept: np.ndarray,
+def run_macs(engine: EngineBase, costs: BranchCosts, dense_flops: float, kept: np.ndarray,
              rows: np.ndarray) -> RunMacs:
   """All of the above for a run: kept (S_run, L, B) routed tokens; rows = the plan rows that ran."""
   kept, rows = np.asarray(kept), np.asarray(rows)
