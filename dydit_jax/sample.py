@@ -16,7 +16,11 @@ of `dydit_jax.models.flops.macs_ratio`. For a plain DiT all of that is 1.
 CLI (a converted model directory or a training workdir, whose EMA weights are used):
 
   python -m dydit_jax.sample --model=WORKDIR_OR_MODEL_DIR --classes=207,360,387,974 --per_class=4 \
-      --sampler=ddpm --steps=250 --cfg_scale=4.0 --out=grid.png
+      --sampler=ddpm --steps=250 --cfg_scale=4.0 --out=grid.png [--engine=segments --dtype=bfloat16]
+
+`--engine=buckets|segments` samples a DyDiT through the fast engine (`dydit_jax.engine`; single host);
+the statistics then come from the width plan and the routed-token counts, and equal the masked
+path's.
 
 This module never imports clu / TensorFlow.
 """
@@ -39,20 +43,32 @@ from PIL import Image
 from dydit_jax import checkpoints
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.diffusion.samplers import sampling_timesteps
-from dydit_jax.engine.sampling import guided, sample
+from dydit_jax.engine import DynamicEngine, EngineOptions, SegmentEngine, WidthPlan, compute_model
+from dydit_jax.engine.sampling import guided, sample, sample_pieces
 from dydit_jax.models import DiT
-from dydit_jax.models.flops import dense_macs, dydit_macs, macs_ratio, mask_fractions
+from dydit_jax.models.flops import dense_macs, dydit_macs, layer_macs, macs_ratio, mask_fractions
+
+
+ENGINES = ("masked", "buckets", "segments")
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
   """sampler "ddpm" | "ddim"; steps: respacing of the 1000-step chain ("250", "50", "ddim50");
-  cfg_scale: guidance scale, 1 = none (no doubled batch); eta: DDIM noise (0 = deterministic)."""
+  cfg_scale: guidance scale, 1 = none (no doubled batch); eta: DDIM noise (0 = deterministic).
+
+  engine: "masked" runs the model itself (the official eval forward: masks multiplied into dense
+  compute; any DiT or DyDiT); "buckets" / "segments" run a DyDiT through the fast engine
+  (`dydit_jax.engine`: only the open heads, groups and routed tokens are computed; same samples up to
+  float rounding). segments: ranges of steps of the segment engine.
+  """
 
   sampler: str = "ddpm"
   steps: str = "250"
   cfg_scale: float = 4.0
   eta: float = 0.0
+  engine: str = "masked"
+  segments: int = 8
 
 
 class SampleResult(NamedTuple):
@@ -76,11 +92,25 @@ class SampleResult(NamedTuple):
     return float(np.mean(self.macs) / self.dense_macs)
 
 
+def _noise(key, labels, cfg, guidance):
+  """(x_T, chain key): one noise draw per label, duplicated for CFG's unconditional half."""
+  noise_key, chain_key = jax.random.split(key)
+  n = labels.shape[0]
+  noise = jax.random.normal(noise_key, (n, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+  if guidance is not None:
+    noise = jnp.concatenate([noise, noise], axis=0)
+  return noise, chain_key
+
+
+def _guidance(options: SampleOptions):
+  return options.cfg_scale if options.cfg_scale != 1.0 else None
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled(graphdef: nnx.GraphDef, learn_sigma: bool, options: SampleOptions):
-  """The jitted chain for one model structure and option set (cached: compiled once per run)."""
+  """The jitted masked chain for one model structure and option set (cached: compiled once per run)."""
   diffusion = create_diffusion(options.steps, learn_sigma=learn_sigma)
-  guidance = options.cfg_scale if options.cfg_scale != 1.0 else None
+  guidance = _guidance(options)
 
   def run(state, labels, key):
     model = nnx.merge(graphdef, state)
@@ -93,15 +123,49 @@ def _compiled(graphdef: nnx.GraphDef, learn_sigma: bool, options: SampleOptions)
                    "ratio": macs_ratio(cfg, masks).mean(), "macs": dydit_macs(cfg, masks).mean()}
 
     step_forward = guided(forward, labels, cfg_scale=guidance, num_classes=cfg.num_classes)
-    noise_key, chain_key = jax.random.split(key)
-    n = labels.shape[0]
-    noise = jax.random.normal(noise_key, (n, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
-    if guidance is not None:
-      noise = jnp.concatenate([noise, noise], axis=0)
+    noise, chain_key = _noise(key, labels, cfg, guidance)
     x, stats = sample(step_forward, diffusion, noise, chain_key, method=options.sampler, eta=options.eta)
-    return x[:n], stats
+    return x[:labels.shape[0]], stats
 
   return jax.jit(run), sampling_timesteps(diffusion)
+
+
+def _engine_stats(plan: WidthPlan, kept: np.ndarray) -> dict[str, np.ndarray]:
+  """The masked path's statistics from the plan and the engine's routed-token counts (S, L, rows)."""
+  cfg = plan.config
+  attn, mlp = layer_macs(cfg)
+  h = plan.head_counts / cfg.num_heads
+  g = plan.group_counts / cfg.num_heads
+  k = kept / cfg.num_tokens
+  per_row = (h[..., None] * attn + g[..., None] * k * mlp) / (attn + mlp)      # (S, L, rows)
+  return {"head": h, "group": g, "token": k.mean(-1), "ratio": per_row.mean(1).mean(-1),
+          "macs": plan.macs(kept).mean(-1)}
+
+
+def _run_engine(model: DiT, labels: np.ndarray, key: jax.Array, options: SampleOptions):
+  """Samples through the fast engine (single host); returns (samples, stats, timesteps)."""
+  cfg = model.config
+  if not cfg.dynamic:
+    raise ValueError(f"engine {options.engine!r} needs a DyDiT; a plain DiT samples with engine 'masked'")
+  diffusion = create_diffusion(options.steps, learn_sigma=cfg.learn_sigma)
+  timesteps = sampling_timesteps(diffusion)
+  plan = WidthPlan.from_model(model, timesteps)
+  engine_options = EngineOptions(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+  engine = (SegmentEngine(model, plan, engine_options, num_segments=options.segments)
+            if options.engine == "segments" else DynamicEngine(model, plan, engine_options))
+  guidance = _guidance(options)
+  labels = jnp.asarray(labels)
+
+  @jax.jit
+  def run(arrays, key):
+    pieces = [(rows, guided(f, labels, cfg_scale=guidance, num_classes=cfg.num_classes))
+              for rows, f in engine.forwards(arrays)]
+    noise, chain_key = _noise(key, labels, cfg, guidance)
+    x, kept = sample_pieces(pieces, diffusion, noise, chain_key, method=options.sampler, eta=options.eta)
+    return x[:labels.shape[0]], kept
+
+  samples, kept = jax.device_get(run(engine.arrays, key))
+  return samples, _engine_stats(plan, np.asarray(kept, np.int64)), timesteps
 
 
 def generate(model: DiT, labels: Sequence[int], key: jax.Array, options: SampleOptions = SampleOptions()
@@ -109,15 +173,20 @@ def generate(model: DiT, labels: Sequence[int], key: jax.Array, options: SampleO
   """Samples one image per label (eval mode: deterministic gates) and the chain's mask statistics."""
   if options.sampler not in ("ddpm", "ddim"):
     raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {options.sampler!r}")
+  if options.engine not in ENGINES:
+    raise ValueError(f"engine must be one of {ENGINES}, got {options.engine!r}")
   labels = np.asarray(labels, np.int32)
   if labels.min() < 0 or labels.max() >= model.config.num_classes:
     raise ValueError(f"labels must lie in [0, {model.config.num_classes}), got {labels.tolist()}")
-  graphdef, state = nnx.split(model)
-  run, timesteps = _compiled(graphdef, model.config.learn_sigma, options)
-  # With FSDP-sharded params over several hosts the outputs may span hosts: gather them.
-  out = jax.tree.map(lambda a: a if a.is_fully_addressable else multihost_utils.process_allgather(a, tiled=True),
-                     run(state, labels, key))
-  samples, stats = jax.device_get(out)
+  if options.engine != "masked":
+    samples, stats, timesteps = _run_engine(model, labels, key, options)
+  else:
+    graphdef, state = nnx.split(model)
+    run, timesteps = _compiled(graphdef, model.config.learn_sigma, options)
+    # With FSDP-sharded params over several hosts the outputs may span hosts: gather them.
+    out = jax.tree.map(lambda a: a if a.is_fully_addressable else multihost_utils.process_allgather(a, tiled=True),
+                       run(state, labels, key))
+    samples, stats = jax.device_get(out)
   return SampleResult(np.asarray(samples, np.float32), timesteps,
                       *(np.asarray(stats[k]) for k in ("head", "group", "token", "ratio", "macs")),
                       dense_macs=dense_macs(model.config))
@@ -170,14 +239,25 @@ def _define_flags():
   flags.DEFINE_string("steps", "250", "sampling steps (respacing string, e.g. 250 or ddim50)")
   flags.DEFINE_float("cfg_scale", 4.0, "classifier-free guidance scale (1 = off)")
   flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_enum("engine", "masked", list(ENGINES), "masked: the model's own eval forward (any DiT / "
+                    "DyDiT); buckets | segments: the fast DyDiT engine (computes only open units and "
+                    "routed tokens)")
+  flags.DEFINE_integer("segments", 8, "segment engine: ranges of steps")
+  flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+  flags.DEFINE_enum("attention", None, ["xla", "cudnn"], "attention implementation (default: the checkpoint's)")
   flags.DEFINE_string("out", "samples.png", "PNG to write; a .json with the FLOPs statistics goes next to it")
 
 
 def main(argv):
   del argv
   model = checkpoints.load_model(FLAGS.model, step=FLAGS.step, use_ema=FLAGS.ema)
+  if FLAGS.dtype or FLAGS.attention:
+    attention = model.config.attention_impl if FLAGS.attention is None else \
+        (None if FLAGS.attention == "xla" else FLAGS.attention)
+    model = compute_model(model, FLAGS.dtype or model.config.dtype, attention)
   labels = class_labels([int(c) for c in FLAGS.classes], FLAGS.per_class)
-  options = SampleOptions(sampler=FLAGS.sampler, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale)
+  options = SampleOptions(sampler=FLAGS.sampler, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale,
+                          engine=FLAGS.engine, segments=FLAGS.segments)
   result = generate(model, labels, jax.random.PRNGKey(FLAGS.seed), options)
   path = save_grid(to_uint8(result.samples), FLAGS.out, ncols=FLAGS.per_class)
   stats = {"flops_ratio": result.flops_ratio, "options": dataclasses.asdict(options),

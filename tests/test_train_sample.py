@@ -16,7 +16,7 @@ from dydit_jax.diffusion import create_diffusion, ddim_sample, ddpm_sample
 from dydit_jax.models import DiT, ModelConfig
 from dydit_jax.models.flops import layer_macs
 from dydit_jax.models.guidance import cfg_labels, forward_with_cfg
-from model_utils import randomize
+from model_utils import randomize, randomize_routers
 
 CFG = ModelConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
                   num_classes=4)
@@ -64,6 +64,27 @@ def test_flops_statistics_of_closed_routers():
   np.testing.assert_allclose(result.head, 0.5)
   np.testing.assert_allclose(result.token, 0.0)
   assert result.head.shape == (5, 2) and 0 < result.macs_ratio < 1
+
+
+def test_fast_engines_sample_what_the_masked_forward_samples():
+  """Same key, fp32: the engines' samples and statistics equal the masked path's."""
+  model = randomize_routers(randomize(DiT(CFG.replace(dynamic=True, num_heads=4), rngs=nnx.Rngs(2)),
+                                      scale=0.05), weight_scale=3.0)
+  key = jax.random.PRNGKey(4)
+  want = sample.generate(model, LABELS, key, sample.SampleOptions(steps="25", cfg_scale=3.0))
+  assert 0.2 < want.flops_ratio < 0.9                         # mixed masks: something to skip
+  for engine in ("buckets", "segments"):
+    got = sample.generate(model, LABELS, key, sample.SampleOptions(steps="25", cfg_scale=3.0, engine=engine,
+                                                                   segments=3))
+    assert np.linalg.norm(got.samples - want.samples) <= 1e-4 * np.linalg.norm(want.samples)
+    for field in ("head", "group", "token"):
+      np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=1e-6)
+    np.testing.assert_allclose(got.ratio, want.ratio, rtol=1e-5)
+    np.testing.assert_allclose(got.macs, want.macs, rtol=1e-5)
+  with pytest.raises(ValueError, match="needs a DyDiT"):
+    sample.generate(DiT(CFG, rngs=nnx.Rngs(0)), LABELS, key, sample.SampleOptions(engine="buckets"))
+  with pytest.raises(ValueError, match="engine must be"):
+    sample.generate(model, LABELS, key, sample.SampleOptions(engine="fast"))
 
 
 def test_grid_layout_and_png(tmp_path):
