@@ -19,9 +19,10 @@ Weights: --ckpt DIR (a converted checkpoint, `dydit_jax.checkpoints.load_model`)
 zero-initialized adaLN / final layers too, so activations and token decisions are non-trivial).
 Routers: `checkpoint` (keep the loaded ones) or `synthetic:R` (`engine.synthetic`: masks costing a
 fraction R of the dense MACs, with a per-timestep profile). Speed depends on weights only through
-the masks. Token capacities (`--token-caps`): fitted to the routed fractions of a calibration batch
-(`engine.calibration`), or uniform j/T. "MACs" are multiply-accumulates (DiT's "GFLOPs"); TFLOP/s counts 2 per MAC, from the
-analytic (useful) work, so a DyDiT row's rate is useful work per second.
+the masks. Token capacities (`--token-caps`, see `engine.calibration`): fitted per sampler to the
+routed fractions of a short real chain (default), or to a calibration batch, or uniform j/T.
+"MACs" are multiply-accumulates (DiT's "GFLOPs"); TFLOP/s counts 2 per MAC, from the analytic
+(useful) work, so a DyDiT row's rate is useful work per second.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from dydit_jax import profile_summary
 from dydit_jax.diffusion import create_diffusion, run_chain, sampling_timesteps
 from dydit_jax.engine import cost, sampling
 from dydit_jax.engine.buckets import fit_token_fractions
-from dydit_jax.engine.calibration import token_fraction_fn
+from dydit_jax.engine.calibration import chain_token_fractions, token_fraction_fn
 from dydit_jax.engine.engine import DynamicEngine, EngineOptions, compute_model
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.engine.segments import SegmentEngine
@@ -139,13 +140,19 @@ class Bench:
       observed = report["token_fraction"]
     elif args.token_caps == "calibrated":
       observed = np.asarray(token_fraction_fn(model, seed=args.seed)(nnx.state(model)))
-    self.token_fractions = None
-    if args.token_caps == "calibrated":
-      self.token_fractions = fit_token_fractions(observed, args.token_buckets)
-      print(f"token capacities (fractions of the flattened batch, fitted to the calibration batch): "
-            f"{', '.join(f'{f:.3f}' for f in self.token_fractions)}", flush=True)
     # One compute copy (block weights cast once); every dense model and engine shares its arrays.
     self.model = compute_model(model, args.dtype)
+    self.token_fractions = {}
+    for s, diffusion in self.diffusions.items():
+      if args.token_caps == "chain":  # the sampler's own trajectory, in the compute dtype
+        observed = chain_token_fractions(self.model, diffusion, method=SAMPLER_SPECS[s][0],
+                                         images=min(4, args.batch), cfg_scale=args.cfg_scale or None,
+                                         seed=args.seed)
+      fitted = None if args.token_caps == "uniform" else fit_token_fractions(observed, args.token_buckets)
+      self.token_fractions[s] = fitted
+      if fitted:
+        print(f"[{s}] token capacities (fractions of a call's rows, fitted to the {args.token_caps} "
+              f"observations): {', '.join(f'{f:.3f}' for f in fitted)}", flush=True)
     self.plans = {s: WidthPlan.from_model(model, sampling_timesteps(d)) for s, d in self.diffusions.items()}
     for s, plan in self.plans.items():
       print(f"[{s}] {plan.summary()}", flush=True)
@@ -160,7 +167,7 @@ class Bench:
 
   def engine(self, sampler: str, impl, kind: str = "buckets"):
     opts = EngineOptions(self.args.dtype, _impl(impl), self.args.head_buckets, self.args.group_buckets,
-                         self.args.token_buckets, self.token_fractions)
+                         self.args.token_buckets, self.token_fractions[sampler])
     if kind == "segments":
       return SegmentEngine(self.model, self.plans[sampler], opts, num_segments=self.args.segments,
                            width_multiple=self.args.width_multiple)
@@ -403,8 +410,9 @@ def parse(argv: Sequence[str] | None = None):
   p.add_argument("--segments", type=int, default=8, help="segment engine: ranges of steps (programs)")
   p.add_argument("--width-multiple", type=int, default=1,
                  help="segment engine: round each layer's head / group count up to a multiple of this")
-  p.add_argument("--token-caps", default="calibrated", choices=("calibrated", "uniform"),
-                 help="token capacities fitted to a calibration batch, or uniform j/T")
+  p.add_argument("--token-caps", default="chain", choices=("chain", "calibrated", "uniform"),
+                 help="token capacities fitted to the routed fractions of a short real chain of each "
+                 "sampler (4 images), to a calibration batch of Gaussian latents, or uniform j/T")
   p.add_argument("--matmul-size", type=int, default=None, help="default 8192 on GPU, 1024 on CPU")
   p.add_argument("--parts", default="matmul,forward,chain")
   p.add_argument("--json", default=None, help="also write the rows (and run info) to this file")

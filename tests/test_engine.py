@@ -15,6 +15,7 @@ from model_utils import rel_l2, tiny_config
 from dydit_jax.diffusion import create_diffusion, ddpm_sample, sampling_timesteps
 from dydit_jax.engine import cost, sampling
 from dydit_jax.engine.buckets import choose_caps, padded_counts, token_caps
+from dydit_jax.engine.calibration import chain_token_fractions
 from dydit_jax.engine.engine import DynamicEngine, EngineOptions, compute_model
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.engine.segments import SegmentEngine, partition_steps
@@ -320,3 +321,14 @@ def test_sample_pieces_must_cover_the_steps(setup):
   with pytest.raises(ValueError, match="every requested step"):   # out of order
     sampling.sample_pieces([(np.arange(100, 250), forward), (np.arange(100), forward)], diffusion, noise,
                            jax.random.key(0))
+
+
+def test_chain_token_fractions_follow_the_sampler(setup):
+  model, *_ = setup
+  diffusion = create_diffusion("ddim10")
+  fractions = chain_token_fractions(model, diffusion, method="ddim", images=2, cfg_scale=1.5)
+  assert fractions.shape == (10, model.config.depth)
+  np.testing.assert_array_equal(fractions[:, NO_TOKEN_LAYER], 0.0)
+  np.testing.assert_array_equal(fractions[:, ALL_TOKEN_LAYER], 1.0)
+  mixed = np.delete(fractions, [NO_TOKEN_LAYER, ALL_TOKEN_LAYER], axis=1)
+  assert 0.05 < mixed.mean() < 0.95 and mixed.std() > 0       # calls differ along the chain
