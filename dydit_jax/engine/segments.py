@@ -90,13 +90,11 @@ class SegmentEngine(EngineBase):
   def __init__(self, model: DiT, plan: WidthPlan, options: EngineOptions = EngineOptions(), *,
                num_segments: int = 8, width_multiple: int = 1):
     super().__init__(model, plan, options)
-    num_units = plan.config.num_heads
     self.bounds = partition_steps(plan, num_segments, width_multiple)
     self.head_caps, self.group_caps, self.specs, segments = [], [], [], []
     for start, stop in self.bounds:
       head, group = plan.head[start:stop], plan.group[start:stop]
-      hcap = _round_up(head.any(0).sum(-1), width_multiple, num_units)
-      gcap = _round_up(group.any(0).sum(-1), width_multiple, num_units)
+      hcap, gcap = union_widths(head, 0, width_multiple)[-1], union_widths(group, 0, width_multiple)[-1]
       self.head_caps.append(hcap)
       self.group_caps.append(gcap)
       self.specs.append([self.block_spec((int(h),), (int(g),)) for h, g in zip(hcap, gcap)])
