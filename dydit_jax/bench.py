@@ -327,14 +327,15 @@ class Bench:
     ts = [jnp.full((self.rows,), plan.timesteps[p], jnp.int32) for p in positions]
     for impl in [impl] if impl else self.args.forward_attention:
       dense_ms = None
-      for name in ("dense", "dydit"):
+      for name in ("dense",) + tuple(self.args.engines):
         try:
           if name == "dense":
             graphdef, arrays = nnx.split(self.dense(impl))
             fwd = jax.jit(lambda s, x, t, y, row: (nnx.merge(graphdef, s)(x, t, y), ()))
           else:
-            engine = self.engine(sampler, impl)
+            engine = self.engine(sampler, impl, name)
             arrays, fwd = engine.arrays, jax.jit(engine.apply)
+            name = f"DyDiT {engine.label}"
           start = time.perf_counter()
           fwd = fwd.lower(arrays, x, ts[0], y, jnp.int32(0)).compile()
           compile_s = time.perf_counter() - start

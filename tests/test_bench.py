@@ -20,17 +20,18 @@ def test_profile_summary_reads_a_trace(tmp_path):
   assert "idle" in text and s.kernels[0][0][:20] in text
 
 
-def test_bench_chain_rows_for_dense_and_both_engines(tmp_path, capsys):
+def test_bench_rows_for_dense_and_both_engines(tmp_path, capsys):
   rows = bench.main(["--model", "DiT-S/8", "--batch", "1", "--samplers", "ddim50", "--steps-limit", "2",
-                     "--parts", "chain", "--engines", "buckets,segments", "--segments", "2",
+                     "--parts", "chain,calls", "--calls", "2", "--engines", "buckets,segments", "--segments", "2",
                      "--routers", "synthetic:0.5", "--profile", str(tmp_path / "prof"),
                      "--json", str(tmp_path / "bench.json")])
-  assert [r["model"] for r in rows] == ["dense", "DyDiT buckets", "DyDiT segments x2"]
+  models = ["dense", "DyDiT buckets", "DyDiT segments x2"]
+  assert [(r["part"], r["model"]) for r in rows] == [("chain", m) for m in models] + [("calls", m) for m in models]
   for r in rows:
     assert "ERROR" not in r.get("note", "") and r["ms/call"] > 0
-  for r in rows[1:]:
+  for r in rows[1:3] + rows[4:]:
     assert 0.3 < r["MACs ratio"] < 0.7 and r["speedup"] > 0
-    assert "the analytic MACs" in r["note"]
+  assert all("the analytic MACs" in r["note"] for r in rows[1:3])
   out = capsys.readouterr().out
   assert out.count("profile ddim50_xla_") == 3
   assert (tmp_path / "bench.json").stat().st_size > 100
