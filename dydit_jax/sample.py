@@ -38,11 +38,13 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from dydit_jax import checkpoints
 from dydit_jax.diffusion import create_diffusion
-from dydit_jax.diffusion.samplers import sampling_timesteps
+from dydit_jax.diffusion.samplers import row_noise, sampling_timesteps
 from dydit_jax.engine import DynamicEngine, EngineOptions, SegmentEngine, WidthPlan, compute_model
 from dydit_jax.engine.sampling import guided, sample, sample_pieces
 from dydit_jax.models import DiT
@@ -92,14 +94,21 @@ class SampleResult(NamedTuple):
     return float(np.mean(self.macs) / self.dense_macs)
 
 
-def _noise(key, labels, cfg, guidance):
-  """(x_T, chain key): one noise draw per label, duplicated for CFG's unconditional half."""
+def _noise(key, labels, cfg, guidance, image_ids=None, num_images=None):
+  """(x_T, chain key, row ids) for the images `image_ids` (default 0..n-1) of `num_images`.
+
+  Image i's starting noise and its chain noise depend on (key, i) only (`row_noise`), so a batch split
+  over devices samples what the whole batch samples. With CFG the rows are [cond; uncond] and the
+  unconditional copy of image i is row num_images + i.
+  """
   noise_key, chain_key = jax.random.split(key)
-  n = labels.shape[0]
-  noise = jax.random.normal(noise_key, (n, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+  ids = jnp.arange(labels.shape[0], dtype=jnp.int32) if image_ids is None else image_ids
+  total = labels.shape[0] if num_images is None else num_images
+  noise = row_noise(noise_key, ids, (cfg.input_size, cfg.input_size, cfg.in_channels))
+  rows = ids
   if guidance is not None:
-    noise = jnp.concatenate([noise, noise], axis=0)
-  return noise, chain_key
+    noise, rows = jnp.concatenate([noise, noise], axis=0), jnp.concatenate([ids, total + ids])
+  return noise, chain_key, rows
 
 
 def _guidance(options: SampleOptions):
@@ -123,8 +132,9 @@ def _compiled(graphdef: nnx.GraphDef, learn_sigma: bool, options: SampleOptions)
                    "ratio": macs_ratio(cfg, masks).mean(), "macs": dydit_macs(cfg, masks).mean()}
 
     step_forward = guided(forward, labels, cfg_scale=guidance, num_classes=cfg.num_classes)
-    noise, chain_key = _noise(key, labels, cfg, guidance)
-    x, stats = sample(step_forward, diffusion, noise, chain_key, method=options.sampler, eta=options.eta)
+    noise, chain_key, rows = _noise(key, labels, cfg, guidance)
+    x, stats = sample(step_forward, diffusion, noise, chain_key, method=options.sampler, eta=options.eta,
+                      row_ids=rows)
     return x[:labels.shape[0]], stats
 
   return jax.jit(run), sampling_timesteps(diffusion)
@@ -143,7 +153,12 @@ def _engine_stats(plan: WidthPlan, kept: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _run_engine(model: DiT, labels: np.ndarray, key: jax.Array, options: SampleOptions):
-  """Samples through the fast engine (single host); returns (samples, stats, timesteps)."""
+  """Samples through the fast engine; returns (samples, stats, timesteps).
+
+  With several local devices and a batch they divide, the images are split over them (data parallel,
+  `jax.shard_map`): every device runs the whole chain on its images with the replicated engine arrays
+  and compacts its own tokens, and the samples equal a one-device run (per-image noise).
+  """
   cfg = model.config
   if not cfg.dynamic:
     raise ValueError(f"engine {options.engine!r} needs a DyDiT; a plain DiT samples with engine 'masked'")
@@ -154,17 +169,23 @@ def _run_engine(model: DiT, labels: np.ndarray, key: jax.Array, options: SampleO
   engine = (SegmentEngine(model, plan, engine_options, num_segments=options.segments)
             if options.engine == "segments" else DynamicEngine(model, plan, engine_options))
   guidance = _guidance(options)
-  labels = jnp.asarray(labels)
+  total = len(labels)
 
-  @jax.jit
-  def run(arrays, key):
+  def run(arrays, labels, image_ids, key):
     pieces = [(rows, guided(f, labels, cfg_scale=guidance, num_classes=cfg.num_classes))
               for rows, f in engine.forwards(arrays)]
-    noise, chain_key = _noise(key, labels, cfg, guidance)
-    x, kept = sample_pieces(pieces, diffusion, noise, chain_key, method=options.sampler, eta=options.eta)
+    noise, chain_key, rows = _noise(key, labels, cfg, guidance, image_ids, total)
+    x, kept = sample_pieces(pieces, diffusion, noise, chain_key, method=options.sampler, eta=options.eta,
+                            row_ids=rows)
     return x[:labels.shape[0]], kept
 
-  samples, kept = jax.device_get(run(engine.arrays, key))
+  devices = jax.local_devices()
+  if len(devices) > 1 and total % len(devices) == 0:
+    mesh = Mesh(np.asarray(devices), ("data",))
+    run = jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()),
+                        out_specs=(P("data"), P(None, None, "data")), check_vma=False)
+  samples, kept = jax.device_get(jax.jit(run)(engine.arrays, jnp.asarray(labels),
+                                              jnp.arange(total, dtype=jnp.int32), key))
   return samples, _engine_stats(plan, np.asarray(kept, np.int64)), timesteps
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 import train_helpers as th
 from dydit_jax import checkpoints, sample
 from dydit_jax.diffusion import create_diffusion, ddim_sample, ddpm_sample
+from dydit_jax.diffusion.samplers import row_noise
 from dydit_jax.models import DiT, ModelConfig
 from dydit_jax.models.flops import layer_macs
 from dydit_jax.models.guidance import cfg_labels, forward_with_cfg
@@ -31,7 +32,7 @@ def dit():
 def _reference(model, sampler, steps, cfg_scale, key):
   """The diffusion helper's own sampler on the same noise (generate's key protocol)."""
   noise_key, chain_key = jax.random.split(key)
-  noise = jax.random.normal(noise_key, (len(LABELS), 8, 8, 1))
+  noise = row_noise(noise_key, np.arange(len(LABELS)), (8, 8, 1))   # image i's noise: fold_in(key, i)
   run = ddpm_sample if sampler == "ddpm" else ddim_sample
   if cfg_scale == 1.0:
     return run(lambda x, t: model(x, t, jnp.asarray(LABELS)), create_diffusion(steps), noise, chain_key)

@@ -84,15 +84,27 @@ def ddim_step(model_fn: ModelFn, diffusion: GaussianDiffusion, x, t, noise,
 ChainForward = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], tuple]
 
 
+def row_noise(key, row_ids, shape, dtype=jnp.float32):
+  """Standard normal noise, row r drawn from fold_in(key, row_ids[r]): (len(row_ids),) + shape.
+
+  A row's noise depends on its id only, not on the batch it sits in or the device that holds it, so a
+  chain split over devices (or into smaller batches) draws exactly what one big batch draws.
+  """
+  return jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), shape, dtype))(
+      jnp.asarray(row_ids, jnp.int32))
+
+
 def run_chain(forward: ChainForward, diffusion: GaussianDiffusion, x, key, *, method: str = "ddpm",
-              eta: float = 0.0, positions=None, clip_denoised: bool = False):
+              eta: float = 0.0, positions=None, clip_denoised: bool = False, row_ids=None):
   """Scans the chain's steps from x; returns (x_0, aux of `forward` stacked over the executed steps).
 
   The one sampling loop of the project: `ddpm_sample` / `ddim_sample` wrap it, and the fast engine
   uses it with forwards that also report routed-token counts (aux) and read their plan row.
-  positions: sampling-order positions to run (0 = the noisiest step), default all. Step i draws its
-  noise from key i of `jax.random.split(key, T)`, whichever subset runs, so consecutive pieces of one
-  chain (`positions` split in order, x handed on) equal the whole chain.
+  positions: sampling-order positions to run (0 = the noisiest step), default all. Step i draws row
+  r's noise as `row_noise(key_i, row_ids)` with key_i = key i of `jax.random.split(key, T)`, whichever
+  subset runs, so consecutive pieces of one chain (`positions` split in order, x handed on) equal the
+  whole chain. row_ids: (B,) global ids of x's rows (default 0..B-1); shards of one batch pass their
+  own ids and together equal the unsharded chain.
   """
   if method not in SAMPLERS:
     raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
@@ -103,11 +115,12 @@ def run_chain(forward: ChainForward, diffusion: GaussianDiffusion, x, key, *, me
   timesteps = diffusion.timestep_map[indices]
   x = x.astype(compute_dtype(x))
   batch = x.shape[0]
+  row_ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else row_ids
 
   def body(x, xs):
     row, index, t, step_key = xs
     out, aux = forward(x, jnp.full((batch,), t, jnp.int32), row)
-    z = jax.random.normal(step_key, x.shape, x.dtype)
+    z = row_noise(step_key, row_ids, x.shape[1:], x.dtype)
     chain_t = jnp.full((batch,), index, jnp.int32)
     if method == "ddpm":
       x, _ = ddpm_step(lambda *_: out, diffusion, x, chain_t, z, clip_denoised=clip_denoised)

@@ -51,21 +51,22 @@ def guided(forward: Forward, labels: jax.Array, *, cfg_scale: float | None, num_
 
 
 def sample(step_forward, diffusion, noise: jax.Array, key: jax.Array, *, method: str = "ddpm",
-           eta: float = 0.0, steps: Sequence[int] | None = None):
+           eta: float = 0.0, steps: Sequence[int] | None = None, row_ids=None):
   """Runs the chain with one forward; returns (x_0, aux stacked over executed steps).
 
   step_forward(x, t_original (B,), row) -> (output, aux), e.g. from `guided`; row = position in
-  sampling order (0 = the noisiest step), which is the engine's plan row.
+  sampling order (0 = the noisiest step), which is the engine's plan row. row_ids: see `run_chain`.
   """
-  return run_chain(step_forward, diffusion, noise, key, method=method, eta=eta, positions=steps)
+  return run_chain(step_forward, diffusion, noise, key, method=method, eta=eta, positions=steps,
+                   row_ids=row_ids)
 
 
 def sample_pieces(pieces, diffusion, noise: jax.Array, key: jax.Array, *, method: str = "ddpm",
-                  eta: float = 0.0, steps: Sequence[int] | None = None):
+                  eta: float = 0.0, steps: Sequence[int] | None = None, row_ids=None):
   """Runs the chain as consecutive pieces [(plan rows, step_forward), ...] in sampling order.
 
   Each piece scans the rows it owns (intersected with `steps`); pieces with no executed row are
-  skipped. Returns (x_0, aux concatenated over the executed steps in order).
+  skipped. Returns (x_0, aux concatenated over the executed steps in order). row_ids: see `run_chain`.
   """
   wanted = np.unique(np.arange(diffusion.num_timesteps) if steps is None else np.asarray(steps))
   owned = [np.intersect1d(np.asarray(rows), wanted) for rows, _ in pieces]
@@ -74,6 +75,7 @@ def sample_pieces(pieces, diffusion, noise: jax.Array, key: jax.Array, *, method
   x, auxes = noise, []
   for positions, (_, step_forward) in zip(owned, pieces):
     if positions.size:
-      x, aux = run_chain(step_forward, diffusion, x, key, method=method, eta=eta, positions=positions)
+      x, aux = run_chain(step_forward, diffusion, x, key, method=method, eta=eta, positions=positions,
+                         row_ids=row_ids)
       auxes.append(aux)
   return x, jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
