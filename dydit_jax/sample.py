@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from typing import NamedTuple, Sequence
 
 import jax
@@ -270,6 +271,14 @@ def _define_flags():
 
 
 def main(argv):
+  try:
+    run_cli(argv)
+  except (ValueError, FileNotFoundError) as err:  # bad input: one line, not a traceback
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_cli(argv):
   del argv
   model = checkpoints.load_model(FLAGS.model, step=FLAGS.step, use_ema=FLAGS.ema)
   if FLAGS.dtype or FLAGS.attention:

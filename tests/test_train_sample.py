@@ -109,3 +109,23 @@ def test_cli_on_a_model_directory(tmp_path, dit):
   assert np.asarray(Image.open(out)).shape == (2 * 10 + 2, 3 * 10 + 2)
   stats = json.loads(out.with_suffix(".json").read_text())
   assert stats["flops_ratio"] == 1.0 and stats["labels"] == [0, 0, 0, 2, 2, 2]
+
+
+def test_cli_engine_bf16_on_a_dydit(tmp_path):
+  model = randomize_routers(randomize(DiT(CFG.replace(dynamic=True, num_heads=4), rngs=nnx.Rngs(2)),
+                                      scale=0.05), weight_scale=3.0)
+  checkpoints.save_model(model, tmp_path / "model")
+  out = tmp_path / "grid.png"
+  proc = subprocess.run([sys.executable, "-m", "dydit_jax.sample", f"--model={tmp_path / 'model'}",
+                         "--classes=0,2", "--per_class=2", "--steps=5", "--cfg_scale=2", "--engine=segments",
+                         "--segments=2", "--dtype=bfloat16", f"--out={out}"],
+                        cwd=th.REPO, env=th.env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert np.asarray(Image.open(out)).shape == (2 * 10 + 2, 2 * 10 + 2)
+  stats = json.loads(out.with_suffix(".json").read_text())
+  assert 0.0 < stats["flops_ratio"] < 1.0 and stats["options"]["engine"] == "segments"
+  bad = subprocess.run([sys.executable, "-m", "dydit_jax.sample", f"--model={tmp_path / 'model'}",
+                        "--classes=0,9", f"--out={tmp_path / 'bad.png'}"], cwd=th.REPO, env=th.env(),
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "error: labels must lie in [0, 4)" in bad.stderr
+  assert "Traceback" not in bad.stderr and not (tmp_path / "bad.png").exists()
