@@ -173,7 +173,9 @@ def dynamic_block(block, spec: BlockSpec, tables, x: jax.Array, c: jax.Array):
   h = layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp).astype(dt).reshape(b * n, d)
   _, ids, tcaps = mlp_keys(spec, b * n)
   branches = mlp_branches(block, spec, tables["group"], b * n)
-  token_bucket = jnp.searchsorted(jnp.asarray(tcaps, jnp.int32), count, side="left")
+  # Smallest capacity >= count, as a count of smaller capacities: `jnp.searchsorted` would lower to a
+  # while loop, i.e. on a GPU a host round trip per iteration, several per layer and call.
+  token_bucket = jnp.sum(jnp.asarray(tcaps, jnp.int32) < count, dtype=jnp.int32)
   branch = jnp.asarray(ids)[tables["group"]["bucket"], token_bucket]
   y = jax.lax.switch(branch, branches, h, src, dest).reshape(b, n, d)
   x = x + jnp.where(keep[..., None], gate_mlp[:, None] * y.astype(jnp.float32), 0.0)
