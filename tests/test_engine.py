@@ -332,3 +332,14 @@ def test_chain_token_fractions_follow_the_sampler(setup):
   np.testing.assert_array_equal(fractions[:, ALL_TOKEN_LAYER], 1.0)
   mixed = np.delete(fractions, [NO_TOKEN_LAYER, ALL_TOKEN_LAYER], axis=1)
   assert 0.05 < mixed.mean() < 0.95 and mixed.std() > 0       # calls differ along the chain
+
+
+def test_compiled_forwards_have_no_hidden_loops(setup, segmented):
+  """A while loop is a host round trip per iteration on a GPU: the bucket engine's only loop is the
+  layer scan, a segment program has none (e.g. `jnp.searchsorted` would add one per layer)."""
+  model, _, plan, engine, *_ = setup
+  segments, _ = segmented
+  x, t, y = _inputs(model.config, int(plan.timesteps[5]))
+  loops = lambda fn, arrays: jax.jit(fn).lower(arrays, x, t, y).compile().as_text().count(" while(")
+  assert loops(lambda a, x, t, y: engine.apply(a, x, t, y, 5), engine.arrays) == 1
+  assert loops(lambda a, x, t, y: segments.apply_segment(0, a, x, t, y, 5), segments.arrays) == 0
