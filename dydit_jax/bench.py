@@ -207,7 +207,8 @@ class Bench:
         self.error(f"forward {impl}", e)
 
   def _chain_programs(self, sampler, pieces_of):
-    """Compiled chain pieces [(fn(arrays, x, key) -> (x, kept), positions)] and the compile wall time.
+    """(compile_all, steps): compile_all(arrays) -> ([(program(arrays, x, key) -> (x, kept), positions)],
+    compile wall seconds); steps = the chain positions that run.
 
     pieces_of(arrays) -> [(plan rows, forward(x, t, y, row))]: one piece for the dense model and the
     bucket engine, one per segment for the segment engine. Pieces compile in parallel threads (XLA
