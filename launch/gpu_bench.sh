@@ -6,8 +6,9 @@
 #   bash launch/gpu_bench.sh
 # It runs one `python -m dydit_jax.bench` process under a hard time limit and prints a markdown
 # table as each row finishes (so a timeout still shows every finished row), then a summary table.
-# Rows, in priority order:
+# Rows, in this order:
 #   matmul                 bf16 8192^3 matmul TFLOP/s: the ceiling for every "% matmul" cell
+#   forward ATTN           one dense forward at 256 rows (the ">= 60% of matmul" check)
 #   chain ATTN ddpm250     DDPM-250 + CFG (scale 1.5), BATCH images = 2*BATCH rows per model call:
 #                          dense, then each DyDiT engine of ENGINES (buckets: one program with a
 #                          per-layer lax.switch over width buckets; segments: SEGMENTS programs with
@@ -17,7 +18,6 @@
 #                          (segment programs compile in parallel threads); each chain runs once
 #                          untimed first. With PROFILE=1 each chain is traced once more and the
 #                          device busy / idle time and top kernels are printed under its row.
-#   forward ATTN           one dense forward at 256 rows (the ">= 60% of matmul" check)
 #   chain ATTN ddim50      full DDIM-50 + CFG chains, same engines
 # Weights are random (speed depends on them only through the masks); routers are synthetic
 # (`dydit_jax.engine.synthetic`): more width at low noise, 85% of tokens routed on a calibration
@@ -46,7 +46,7 @@ timeout -k 15 "${BUDGET:-285}" python -u -m dydit_jax.bench \
   --routers synthetic:0.49 --samplers ddpm250,ddim50 --steps-limit "${STEPS:-25}" \
   --engines "${ENGINES:-buckets,segments}" --segments "${SEGMENTS:-8}" \
   --forward-batch 256 --iters 5 \
-  --parts "matmul,chain:$ATTN:ddpm250,forward:$ATTN,chain:$ATTN:ddim50" \
+  --parts "matmul,forward:$ATTN,chain:$ATTN:ddpm250,chain:$ATTN:ddim50" \
   --json "$OUT/bench.json" --verbose $PROFILE_FLAG ${EXTRA:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
