@@ -27,7 +27,8 @@
 # (default DiT-XL/2), ATTENTION cudnn | xla (default cudnn; a CPU smoke run:
 # MODEL=DiT-S/8 BATCH=1 STEPS=2 SEGMENTS=2 ATTENTION=xla),
 # STEPS chain steps actually run (default 25), ENGINES (default buckets,segments), SEGMENTS
-# (default 8), PROFILE (default 1; 0 = no traces), OUT output folder (default workdir_bench: ignored by
+# (default 8), PROFILE (default 1; 0 = no traces), EXACTNESS (default 0; 1 = run tests/test_engine.py
+# on the device first, in fp32 with highest matmul precision, under EXACTNESS_BUDGET s), OUT output folder (default workdir_bench: ignored by
 # git; holds bench.json and bench.log), EXTRA more bench flags, e.g. EXTRA="--head-buckets 4
 # --group-buckets 4 --token-buckets 6" (fewer compiled branches) or "--token-keep 1.0" (width only).
 set -uo pipefail
@@ -38,6 +39,10 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
   || echo "nvidia-smi not available"
 
+if [ "${EXACTNESS:-0}" != 0 ]; then  # the engines' fp32 exactness tests on this device first (needs pytest)
+  JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout -k 15 "${EXACTNESS_BUDGET:-180}" \
+    python -m pytest -q -p no:cacheprovider tests/test_engine.py 2>&1 | tail -5 | tee "$OUT/exactness.log"
+fi
 ATTN="${ATTENTION:-cudnn}"
 PROFILE_FLAG=""
 if [ "${PROFILE:-1}" != 0 ]; then PROFILE_FLAG="--profile $OUT/prof"; fi
