@@ -45,11 +45,11 @@ from PIL import Image
 
 from dydit_jax import checkpoints
 from dydit_jax.diffusion import create_diffusion
-from dydit_jax.diffusion.samplers import row_noise, sampling_timesteps
+from dydit_jax.diffusion.samplers import SAMPLERS, row_noise, sampling_timesteps
 from dydit_jax.engine import DynamicEngine, EngineOptions, SegmentEngine, WidthPlan, compute_model
 from dydit_jax.engine.sampling import guided, sample, sample_pieces
 from dydit_jax.models import DiT
-from dydit_jax.models.flops import dense_macs, dydit_macs, layer_macs, macs_ratio, mask_fractions
+from dydit_jax.models.flops import dense_macs, dydit_macs, fraction_ratio, macs_ratio, mask_fractions
 
 
 ENGINES = ("masked", "buckets", "segments")
@@ -144,12 +144,11 @@ def _compiled(graphdef: nnx.GraphDef, learn_sigma: bool, options: SampleOptions)
 def _engine_stats(plan: WidthPlan, kept: np.ndarray) -> dict[str, np.ndarray]:
   """The masked path's statistics from the plan and the engine's routed-token counts (S, L, rows)."""
   cfg = plan.config
-  attn, mlp = layer_macs(cfg)
   h = plan.head_counts / cfg.num_heads
   g = plan.group_counts / cfg.num_heads
-  k = kept / cfg.num_tokens
-  per_row = (h[..., None] * attn + g[..., None] * k * mlp) / (attn + mlp)      # (S, L, rows)
-  return {"head": h, "group": g, "token": k.mean(-1), "ratio": per_row.mean(1).mean(-1),
+  k = kept / cfg.num_tokens                                                     # (S, L, rows)
+  ratio = fraction_ratio(cfg, h[..., None], g[..., None], k, axis=1).mean(-1)
+  return {"head": h, "group": g, "token": k.mean(-1), "ratio": ratio,
           "macs": plan.macs(kept).mean(-1)}
 
 
@@ -193,8 +192,8 @@ def _run_engine(model: DiT, labels: np.ndarray, key: jax.Array, options: SampleO
 def generate(model: DiT, labels: Sequence[int], key: jax.Array, options: SampleOptions = SampleOptions()
              ) -> SampleResult:
   """Samples one image per label (eval mode: deterministic gates) and the chain's mask statistics."""
-  if options.sampler not in ("ddpm", "ddim"):
-    raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {options.sampler!r}")
+  if options.sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {options.sampler!r}")
   if options.engine not in ENGINES:
     raise ValueError(f"engine must be one of {ENGINES}, got {options.engine!r}")
   labels = np.asarray(labels, np.int32)

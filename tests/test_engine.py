@@ -15,7 +15,6 @@ from model_utils import rel_l2, tiny_config
 from dydit_jax.diffusion import create_diffusion, ddpm_sample, sampling_timesteps
 from dydit_jax.engine import cost, sampling
 from dydit_jax.engine.buckets import choose_caps, padded_counts, token_caps
-from dydit_jax.engine.calibration import chain_token_fractions
 from dydit_jax.engine.engine import DynamicEngine, EngineOptions, compute_model
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.engine.segments import SegmentEngine, partition_steps
@@ -24,6 +23,7 @@ from dydit_jax.models import DiT, flops
 from dydit_jax.models.layers import sincos_pos_embed_2d
 from dydit_jax.models.dydit_init import dit_from_dydit
 from dydit_jax.models.guidance import cfg_labels, forward_with_cfg
+from dydit_jax.sample import SampleOptions, generate
 
 # Fewer width buckets than distinct counts, so padded (zero-weighted) slots are exercised.
 FP32 = EngineOptions(dtype="float32", head_buckets=2, group_buckets=3, token_buckets=4)
@@ -324,9 +324,10 @@ def test_sample_pieces_must_cover_the_steps(setup):
 
 
 def test_chain_token_fractions_follow_the_sampler(setup):
+  """The per-call routed fractions of a real chain (what the benchmark fits token capacities to)."""
   model, *_ = setup
-  diffusion = create_diffusion("ddim10")
-  fractions = chain_token_fractions(model, diffusion, method="ddim", images=2, cfg_scale=1.5)
+  fractions = generate(model, np.arange(2), jax.random.PRNGKey(0),
+                       SampleOptions("ddim", "ddim10", cfg_scale=1.5)).token
   assert fractions.shape == (10, model.config.depth)
   np.testing.assert_array_equal(fractions[:, NO_TOKEN_LAYER], 0.0)
   np.testing.assert_array_equal(fractions[:, ALL_TOKEN_LAYER], 1.0)

@@ -100,17 +100,22 @@ def attention_branches(block, spec: BlockSpec, tables) -> list[Callable]:
   return [make(c) for c in spec.head_caps]
 
 
+def mlp_key(group_cap: int, token_cap: int):
+  """Name of the MLP computation at these capacities: "none" (no routed token), "bias" (no open group:
+  the output is fc2's bias) or (group capacity, token capacity)."""
+  return "none" if token_cap == 0 else "bias" if group_cap == 0 else (int(group_cap), int(token_cap))
+
+
 def mlp_keys(spec: BlockSpec, rows: int):
   """The distinct MLP computations for `rows` flattened tokens, and which one each bucket pair runs.
 
-  Returns (keys, ids (G, T) int32, tcaps): key "none" (no routed token), "bias" (no open group: the
-  output is fc2's bias) or (group capacity, token capacity); pairs computing the same thing share one.
+  Returns (keys, ids (G, T) int32, tcaps): keys as `mlp_key`; pairs computing the same thing share one.
   """
   tcaps = token_caps(rows, spec.token_buckets, spec.token_fractions)
   keys, ids = [], np.zeros((len(spec.group_caps), len(tcaps)), np.int32)
   for i, gcap in enumerate(spec.group_caps):
     for j, tcap in enumerate(tcaps):
-      key = "none" if tcap == 0 else "bias" if gcap == 0 else (gcap, tcap)
+      key = mlp_key(gcap, tcap)
       if key not in keys:
         keys.append(key)
       ids[i, j] = keys.index(key)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dydit_jax.engine.blocks import attention_branches, dynamic_block, mlp_branches, mlp_keys
+from dydit_jax.engine.blocks import attention_branches, dynamic_block, mlp_branches, mlp_key, mlp_keys
+from dydit_jax.engine.buckets import padded_counts
 from dydit_jax.engine.engine import EngineBase
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.models import flops
@@ -153,8 +154,8 @@ def padded_macs(engine: EngineBase, kept: np.ndarray, rows: np.ndarray, *, inclu
 
 def _token_caps(engine: EngineBase, kept: np.ndarray) -> np.ndarray:
   """(R, L) token capacity each executed call and layer computed (kept: (R, L, B))."""
-  tcaps = np.asarray(mlp_keys(engine.spec, kept.shape[-1] * engine.config.num_tokens)[2], np.int64)
-  return tcaps[np.searchsorted(tcaps, kept.sum(-1), side="left")]
+  tcaps = mlp_keys(engine.spec, kept.shape[-1] * engine.config.num_tokens)[2]
+  return padded_counts(kept.sum(-1), tcaps).astype(np.int64)
 
 
 def xla_macs(engine: EngineBase, costs: BranchCosts, kept: np.ndarray, rows: np.ndarray) -> float:
@@ -164,8 +165,7 @@ def xla_macs(engine: EngineBase, costs: BranchCosts, kept: np.ndarray, rows: np.
   tokens = _token_caps(engine, kept)
   total = len(rows) * (costs.embed_final + engine.config.depth * costs.fixed)
   for h, g, t in zip(heads.ravel(), groups.ravel(), tokens.ravel()):
-    key = "none" if t == 0 else "bias" if g == 0 else (int(g), int(t))
-    total += costs.attention[int(h)] + costs.mlp[key]
+    total += costs.attention[int(h)] + costs.mlp[mlp_key(g, t)]
   return float(total) / 2
 
 

@@ -11,6 +11,8 @@ nearly every step (`WidthPlan.summary` counts the distinct signatures; up to one
 token counts are data dependent, so per-signature programs would mean hundreds of unrolled depth-L
 compiles and still no answer for tokens. Branch counts stay small instead: |head caps| attention
 branches and <= |group caps| x |token caps| MLP branches per block, compiled once inside the scan.
+The middle ground, a few programs each covering a range of steps with static widths, is
+`engine.segments.SegmentEngine`; both share `EngineBase`.
 """
 from __future__ import annotations
 
@@ -87,15 +89,11 @@ class EngineBase:
     self.options = options
     cmodel = compute_model(model, options.dtype, options.attention_impl)
     self.graphdef, self.state = nnx.split(cmodel)
-    self.compute_config = cmodel.config
-
-  @property
-  def config(self):
-    return self.compute_config
+    self.config = cmodel.config
 
   def block_spec(self, head_caps, group_caps) -> BlockSpec:
     o = self.options
-    return BlockSpec(self.compute_config, jnp.dtype(o.dtype).name, o.attention_impl, tuple(head_caps),
+    return BlockSpec(self.config, jnp.dtype(o.dtype).name, o.attention_impl, tuple(head_caps),
                      tuple(group_caps), o.token_buckets, o.token_fractions)
 
   def _row(self, arrays, t, row):

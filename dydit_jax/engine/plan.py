@@ -127,10 +127,9 @@ class WidthPlan:
 
   def macs_ratio(self) -> float:
     """Official block-only ratio sum_l (h A + g M) / (L (A + M)), averaged over steps (all tokens)."""
-    attn, mlp = flops.layer_macs(self.config)
     h = self.head_counts / self.config.num_heads
     g = self.group_counts / self.config.num_heads
-    return float(np.mean((h * attn + g * mlp).sum(1) / (self.config.depth * (attn + mlp))))
+    return float(np.mean(flops.fraction_ratio(self.config, h, g, 1.0)))
 
   # I/O ------------------------------------------------------------------------------------------
   def to_dict(self) -> dict:

@@ -91,17 +91,17 @@ class SegmentEngine(EngineBase):
                num_segments: int = 8, width_multiple: int = 1):
     super().__init__(model, plan, options)
     self.bounds = partition_steps(plan, num_segments, width_multiple)
-    self.head_caps, self.group_caps, self.specs, segments = [], [], [], []
+    head_caps, group_caps, self.specs, segments = [], [], [], []
     for start, stop in self.bounds:
       head, group = plan.head[start:stop], plan.group[start:stop]
       hcap, gcap = union_widths(head, 0, width_multiple)[-1], union_widths(group, 0, width_multiple)[-1]
-      self.head_caps.append(hcap)
-      self.group_caps.append(gcap)
+      head_caps.append(hcap)
+      group_caps.append(gcap)
       self.specs.append([self.block_spec((int(h),), (int(g),)) for h, g in zip(hcap, gcap)])
       segments.append(jax.tree.map(jnp.asarray, {"head": _segment_tables(head, hcap),
                                                  "group": _segment_tables(group, gcap)}))
-    self.spec = self.block_spec(sorted({int(c) for c in np.concatenate(self.head_caps)}),
-                                sorted({int(c) for c in np.concatenate(self.group_caps)}))
+    self.head_caps, self.group_caps = np.stack(head_caps), np.stack(group_caps)   # (K, L)
+    self.spec = self.block_spec(np.unique(self.head_caps).tolist(), np.unique(self.group_caps).tolist())
     self.arrays = {"state": self.state, "segments": segments, "row_of_t": jnp.asarray(plan.row_of_t())}
     self.label = f"segments x{len(self.bounds)}"
     self._segment_of_row = np.concatenate([np.full(stop - start, k) for k, (start, stop) in
@@ -116,7 +116,7 @@ class SegmentEngine(EngineBase):
   def width_capacities(self, rows) -> tuple[np.ndarray, np.ndarray]:
     """(head, group) capacities computed at plan `rows`, each (R, L): the segment's union widths."""
     seg = self._segment_of_row[np.asarray(rows)]
-    return np.stack(self.head_caps)[seg], np.stack(self.group_caps)[seg]
+    return self.head_caps[seg], self.group_caps[seg]
 
   def apply_segment(self, k: int, arrays, x, t, y, row):
     """Forward for plan rows of segment k only (row: traced int, global plan row)."""

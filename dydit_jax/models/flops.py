@@ -124,6 +124,16 @@ def _check_masks(cfg: ModelConfig, masks: Mapping[str, jax.Array]) -> None:
                      f"(head {want_h}, group {want_g}, token {want_t})")
 
 
+def fraction_ratio(cfg: ModelConfig, heads, groups, tokens, axis: int = -1):
+  """The official ratio from open fractions (layers along `axis`): mean_l (h A + g k M) / (A + M).
+
+  NumPy or JAX arrays; A and M are normalised first so float32 arithmetic stays O(1).
+  """
+  attn, mlp = layer_macs(cfg)
+  a, m = attn / (attn + mlp), mlp / (attn + mlp)
+  return (heads * a + groups * tokens * m).mean(axis=axis)
+
+
 def macs_ratio(cfg: ModelConfig, masks: Mapping[str, jax.Array]) -> jax.Array:
   """(B,) official DyDiT ratio r_b = sum_l (h A + g k M) / (L (A + M)); blocks' A and M only.
 
@@ -131,10 +141,7 @@ def macs_ratio(cfg: ModelConfig, masks: Mapping[str, jax.Array]) -> jax.Array:
   normalised first so the float32 arithmetic stays O(1).
   """
   _check_masks(cfg, masks)
-  attn, mlp = layer_macs(cfg)
-  a, m = attn / (attn + mlp), mlp / (attn + mlp)
-  h, g, k = mask_fractions(masks)
-  return jnp.mean(h * a + g * k * m, axis=-1)
+  return fraction_ratio(cfg, *mask_fractions(masks))
 
 
 def dydit_macs(cfg: ModelConfig, masks: Mapping[str, jax.Array], *, count_modulation: bool = True,
