@@ -17,6 +17,7 @@ def test_engine_sampling_over_devices_equals_one_device():
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["devices"] == 8
+  assert out["shard_map_calls"] == 2, out      # the 8-image runs were split; the 6-image runs were not
   for engine in ("buckets", "segments"):
     assert out[engine]["sharded_vs_masked"] <= 1e-5, out
     assert out[engine]["one_device_vs_masked"] <= 1e-5, out

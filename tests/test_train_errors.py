@@ -77,7 +77,7 @@ def test_wrong_data_shape(tmp_path):
 def test_nan_loss_stops_without_a_checkpoint(tmp_path):
   with LatentShardWriter(str(tmp_path / "nan"), 2, num_classes=10, image_size=64) as writer:
     x = np.random.default_rng(0).standard_normal((40, 8, 8, 1)).astype(np.float32)
-    x[7] = np.nan                          # one bad example: the batch holding it yields a NaN loss
+    x[30] = np.nan                         # one bad example, not in the first batch: its batch -> NaN loss
     writer.write(x, np.arange(40) % 10)
   config = tiny(**{"data.name": "latents", "data.path": str(tmp_path / "nan"), "checkpoint.every": 1,
                    "total_steps": 6})
@@ -88,6 +88,9 @@ def test_nan_loss_stops_without_a_checkpoint(tmp_path):
   saved = th.steps(tmp_path / "wd")
   assert all(rows[s]["nonfinite"] == 0 for s in saved)
   assert len(saved) < 6
+  # Every step before the bad batch was saved (checkpoint.every=1), so "none after it" is not vacuous.
+  bad = min([s for s, r in rows.items() if r.get("nonfinite")] + [len(saved) + 1])
+  assert saved == list(range(1, bad)) and bad >= 2, (saved, bad)
 
 
 def test_resume_with_another_model_is_refused(tmp_path):
