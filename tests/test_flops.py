@@ -88,3 +88,13 @@ def test_dydit_macs_jit_and_shape_check():
   bad = dict(hand_masks(), token=jnp.ones((2, 2, 15)))
   with pytest.raises(ValueError, match="do not fit"):
     flops.macs_ratio(TINY, bad)
+
+
+def test_dydit_macs_of_xl_under_jit():
+  # XL's per-layer MLP MACs (2.7e9) overflow int32: the constants must enter the jitted product as
+  # floats, or jax >= 0.11 refuses the Python int (found on an H100 through the sample CLI).
+  cfg = model_config("DiT-XL/2", 256, dynamic=True)
+  l, h, n = cfg.depth, cfg.num_heads, cfg.num_tokens
+  masks = {"head": jnp.ones((1, l, h)), "group": jnp.ones((1, l, h)), "token": jnp.ones((1, l, n))}
+  got = jax.jit(lambda m: flops.dydit_macs(cfg, m))(masks)
+  np.testing.assert_allclose(got, [flops.dense_macs(cfg)], rtol=1e-6)

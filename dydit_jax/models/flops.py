@@ -153,8 +153,9 @@ def dydit_macs(cfg: ModelConfig, masks: Mapping[str, jax.Array], *, count_modula
   """
   _check_masks(cfg, masks)
   n = cfg.num_tokens
-  attn, mlp = layer_macs(cfg, n)
-  mod = modulation_macs(cfg, n) if count_modulation else 0
+  # Floats: XL's per-layer MACs exceed int32, which a Python int inside a jitted product must fit.
+  attn, mlp = (float(v) for v in layer_macs(cfg, n))
+  mod = float(modulation_macs(cfg, n)) if count_modulation else 0.0
   h, g, k = mask_fractions(masks)
   dynamic = jnp.sum(h * attn + k * (g * mlp + mod), axis=-1)
   static_block = block_adaln_macs(cfg) + mod
