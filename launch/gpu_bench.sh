@@ -26,7 +26,8 @@
 # Environment: BUDGET hard limit in seconds (default 285), BATCH images (default 128), MODEL
 # (default DiT-XL/2), ATTENTION cudnn | xla (default cudnn; a CPU smoke run:
 # MODEL=DiT-S/8 BATCH=1 STEPS=2 SEGMENTS=2 ATTENTION=xla),
-# STEPS chain steps actually run (default 25), ENGINES (default buckets,segments), SEGMENTS
+# STEPS chain steps actually run (default 25), ENGINES (default buckets; buckets,segments also times
+# the segment engine, whose XL programs take minutes to compile: raise BUDGET), SEGMENTS
 # (default 8), PROFILE (default 1; 0 = no traces), EXACTNESS (default 0; 1 = run tests/test_engine.py
 # on the device first, in fp32 with highest matmul precision, under EXACTNESS_BUDGET s), OUT output folder (default workdir_bench: ignored by
 # git; holds bench.json and bench.log), EXTRA more bench flags, e.g. EXTRA="--head-buckets 4
@@ -49,7 +50,7 @@ if [ "${PROFILE:-1}" != 0 ]; then PROFILE_FLAG="--profile $OUT/prof"; fi
 timeout -k 15 "${BUDGET:-285}" python -u -m dydit_jax.bench \
   --model "${MODEL:-DiT-XL/2}" --image-size 256 --dtype bfloat16 --batch "${BATCH:-128}" --cfg-scale 1.5 \
   --routers synthetic:0.49 --samplers ddpm250,ddim50 --steps-limit "${STEPS:-25}" \
-  --engines "${ENGINES:-buckets,segments}" --segments "${SEGMENTS:-8}" \
+  --engines "${ENGINES:-buckets}" --segments "${SEGMENTS:-8}" \
   --forward-batch 256 --iters 5 \
   --parts "matmul,forward:$ATTN,chain:$ATTN:ddpm250,chain:$ATTN:ddim50" \
   --json "$OUT/bench.json" --verbose $PROFILE_FLAG ${EXTRA:-} 2>&1 | tee "$OUT/bench.log"
