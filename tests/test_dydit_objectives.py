@@ -46,9 +46,11 @@ def test_lambda_schedule_traced_and_without_warmup():
   np.testing.assert_allclose(obj.lambda_schedule(jnp.array([99, 100]), 0.5, 0), [1.0, 0.5])
 
 
-def test_complete_model_weight():
-  np.testing.assert_array_equal(obj.complete_model_weight(jnp.array([0, 29999, 30000]), 30000), [1, 1, 0])
-  assert float(obj.complete_model_weight(10 ** 6)) == 1.0
+def test_complete_loss_active():
+  np.testing.assert_array_equal(obj.complete_loss_active(np.array([0, 29999, 30000]), 30000), [1, 1, 0])
+  assert obj.complete_loss_active(10 ** 6, -1) is True
+  assert obj.complete_loss_active(0, 0) is False
+  assert obj.complete_loss_active(5, 6) is True
 
 
 def test_stratified_timesteps_land_in_their_quarters():

@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dydit_jax.models.config import ModelConfig, model_config
+from dydit_jax.train.dydit_objectives import FLOPS_LOSS_WEIGHT, LAMBDA_HOLD_STEPS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,8 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dydit = ml_collections.ConfigDict()
   c.dydit.lam = 0.5                # target FLOPs ratio lambda
   c.dydit.lambda_warmup_steps = 1000
-  c.dydit.lambda_hold_steps = 100
-  c.dydit.flops_weight = 2.0
+  c.dydit.lambda_hold_steps = LAMBDA_HOLD_STEPS
+  c.dydit.flops_weight = FLOPS_LOSS_WEIGHT
   # The official loss squares each GPU's batch-mean ratio (8 GPUs x 32). flops_groups cuts the
   # global batch into that many contiguous groups, reproducing it on any mesh; 1 = whole batch.
   c.dydit.flops_groups = 1

@@ -4,7 +4,7 @@ Official recipe (shared/reference/dydit.md §3.2-§4; `DyDiT/train.py`, `DyDiT/l
 `DyDiT/utils.py` of alibaba-damo-academy/DyDiT):
   L = L_diff(dynamic) + w_c * L_diff(complete) + 2 * (mean_b r_b - lambda_s)^2
 with r_b the per-sample block-MAC ratio (`dydit_jax.models.flops.macs_ratio`), lambda_s the
-ramped target (`lambda_schedule`), w_c the complete-model switch (`complete_model_weight`),
+ramped target (`lambda_schedule`), w_c the complete-model switch (`complete_loss_active`),
 stratified timesteps (`stratified_timesteps`) and "clip, then skip large-norm steps"
 (`clip_then_skip` + `apply_unless_skipped`).
 
@@ -68,20 +68,17 @@ def lambda_schedule(step, target: float, warmup_steps: int, hold_steps: int = LA
   return jnp.where(step < hold_steps, 1.0, lam)
 
 
-def complete_model_weight(step, complete_steps: int | None = None) -> jax.Array:
-  """Weight of the complete-model (routers bypassed) diffusion loss at `step`: 1 or 0, no ramp.
+def complete_loss_active(step, complete_steps: int):
+  """Whether iteration `step` adds the complete-model (routers bypassed) diffusion loss, weight 1.
 
   The official code has no ramp: `train.py` adds the complete-model loss with weight 1 on every
   step, and the lambda=0.5 recipe stops it by switching scripts (`train_without_completemodel.py`
-  resumed from the 30k checkpoint), i.e. weight 1 for step < 30000, then 0. `complete_steps=None`
-  keeps it for the whole run (the lambda=0.7 script, 150k steps; the paper says 30k warm-up for XL
-  and 0 for S/B). Trace-friendly; when the weight is a Python-level constant for a whole phase,
-  prefer skipping the second forward altogether.
+  resumed from the 30k checkpoint), i.e. on for step < 30000, then off. `complete_steps` < 0 keeps it
+  for the whole run (the lambda=0.7 script, 150k steps), 0 never adds it (the paper's S/B setting).
+  A Python bool for a Python step (the trainer compiles the two variants and picks one per step, so
+  an off phase skips the second forward altogether); elementwise for arrays.
   """
-  step = jnp.asarray(step)
-  if complete_steps is None:
-    return jnp.ones_like(step, jnp.float32)
-  return (step < complete_steps).astype(jnp.float32)
+  return (complete_steps < 0) | (step < complete_steps)
 
 
 def stratified_timesteps(key: jax.Array, batch_size: int, num_timesteps: int = 1000,

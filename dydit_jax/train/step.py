@@ -119,8 +119,7 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef, tx: optax.Gradient
 
 def uses_complete_loss(config: ml_collections.ConfigDict, step: int) -> bool:
   """Whether iteration `step` adds the complete-model loss (a Python bool: picks the step fn)."""
-  steps = config.dydit.complete_steps
-  return config.model.dynamic and (steps < 0 or step < steps)
+  return bool(config.model.dynamic and objectives.complete_loss_active(step, config.dydit.complete_steps))
 
 
 def window_means(metrics_list: list[Metrics]) -> dict[str, np.ndarray]:
