@@ -35,3 +35,11 @@ def test_bench_rows_for_dense_and_both_engines(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count("profile ddim50_xla_") == 3
   assert (tmp_path / "bench.json").stat().st_size > 100
+
+
+def test_train_step_benchmark_runs_the_trainer_step():
+  from dydit_jax.train import benchmark
+  r = benchmark.run("DiT-S/8", batch=2, dtype="float32", steps=1, complete=True, remat=False, attention=None,
+                    matmul_size=128)
+  assert r["mesh"] == {"data": jax.device_count(), "fsdp": 1}
+  assert r["steps_per_s"] > 0 and 0 < r["mfu"] and jnp.isfinite(r["loss"])

@@ -2,7 +2,8 @@
 
 Times the real jitted train step (`train.step.make_train_step`: dynamic forward with Gumbel gates,
 MSE+VB, FLOPs loss, optional complete-model forward, clip-then-skip, AdamW, EMA) on synthetic
-latents, on all local devices with the batch sharded over them. Reports steps/s, images/s and model
+latents, on all devices with the trainer's placement (a (data, fsdp) mesh, FSDP rule for the state,
+batch over both axes). Reports steps/s, images/s and model
 FLOPs utilization against a bf16 matmul rate measured in the same process.
 
 Model FLOPs per image = 2 x 3 x dense MACs (forward + backward ~ 3 forwards) x (2 with the
@@ -23,19 +24,20 @@ from dydit_jax.models import model_config
 from dydit_jax.models.flops import dense_macs
 from dydit_jax.train import sharding
 from dydit_jax.train.config import base_config
-from dydit_jax.train.state import make_optimizer, model_graphdef, scratch_state
+from dydit_jax.train.state import abstract_state, make_optimizer, model_graphdef, scratch_state
 from dydit_jax.train.step import make_train_step
 
 
 def run(model: str, batch: int, dtype: str, steps: int, complete: bool, remat: bool,
-        attention: str | None, matmul_size: int) -> dict:
+        attention: str | None, matmul_size: int, fsdp: int = 1) -> dict:
   config = base_config()
   cfg = model_config(model, 256, dynamic=True, dtype=dtype, remat=remat, attention_impl=attention)
   tx = make_optimizer(config.optimizer)
-  mesh = sharding.make_mesh()
-  state = jax.jit(lambda: scratch_state(cfg, tx, 0), out_shardings=sharding.replicated(mesh))()
+  mesh = sharding.make_mesh(fsdp=fsdp)
+  shardings = sharding.tree_shardings(abstract_state(cfg, tx), mesh, config.fsdp_min_size_mb * 2 ** 20)
+  state = jax.jit(lambda: scratch_state(cfg, tx, 0), out_shardings=shardings)()
   step_fn = jax.jit(make_train_step(cfg, model_graphdef(cfg), tx, config, with_complete=complete),
-                    donate_argnums=0)
+                    donate_argnums=0, out_shardings=(shardings, None))
   data = sharding.batch_sharding(mesh)
   shape = (batch, cfg.input_size, cfg.input_size, cfg.in_channels)
   batch_arrays = {"x": jax.device_put(jax.random.normal(jax.random.key(0), shape), data),
@@ -52,7 +54,8 @@ def run(model: str, batch: int, dtype: str, steps: int, complete: bool, remat: b
   flops_per_image = 2 * 3 * dense_macs(cfg, count_modulation=False) * (2 if complete else 1)
   achieved = flops_per_image * batch / step_s / 1e12
   peak = matmul_rate(matmul_size) * jax.device_count()
-  return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "model": model,
+  return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
+          "model": model,
           "batch": batch, "dtype": dtype, "complete_loss": complete, "remat": remat,
           "attention": attention or "xla", "compile_s": round(compile_s, 1),
           "steps_per_s": round(1 / step_s, 3), "images_per_s": round(batch / step_s, 1),
@@ -70,10 +73,11 @@ def main(argv=None) -> None:
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--attention", default=None, help="None/xla or cudnn")
   parser.add_argument("--matmul-size", type=int, default=8192)
+  parser.add_argument("--fsdp", type=int, default=1, help="FSDP axis size of the mesh (as mesh.fsdp)")
   args = parser.parse_args(argv)
   attention = None if args.attention in (None, "xla") else args.attention
   print(json.dumps(run(args.model, args.batch, args.dtype, args.steps, args.complete, args.remat,
-                       attention, args.matmul_size)))
+                       attention, args.matmul_size, args.fsdp)))
 
 
 if __name__ == "__main__":
