@@ -108,7 +108,7 @@ class Checkpointer:
     """
     while (step := self.manager.latest_step()) is not None:
       try:
-        saved = self._model_config(step)
+        saved = saved_model_config(self.manager, step)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
@@ -119,9 +119,6 @@ class Checkpointer:
         self._set_aside(step, e)
     return None
 
-  def _model_config(self, step: int) -> ModelConfig:
-    args = ocp.args.Composite(model_config=ocp.args.JsonRestore())
-    return ModelConfig.from_dict(self.manager.restore(step, args=args).model_config)
 
   def _restore(self, step: int, abstract: TrainState, shardings: TrainState):
     target = _with_shardings(abstract, shardings)
@@ -173,8 +170,14 @@ def resolve_workdir(workdir: str, *, step: int | None = None, use_ema: bool = Tr
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(f"{directory} has no checkpoint" + ("" if step is None else f" at step {step}"))
-    config = manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore())).model_config
-  return directory / str(step) / ("ema" if use_ema else "params"), ModelConfig.from_dict(config)
+    config = saved_model_config(manager, step)
+  return directory / str(step) / ("ema" if use_ema else "params"), config
+
+
+def saved_model_config(manager: ocp.CheckpointManager, step: int) -> ModelConfig:
+  """The ModelConfig item of one step, read alone (no array is touched)."""
+  args = ocp.args.Composite(model_config=ocp.args.JsonRestore())
+  return ModelConfig.from_dict(manager.restore(step, args=args).model_config)
 
 
 def load_init_model(path: str, model_cfg: ModelConfig, *, sharding=None, reorder_units: bool = False,
