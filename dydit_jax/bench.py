@@ -53,7 +53,7 @@ from dydit_jax.sample import SampleOptions, generate
 
 SAMPLER_SPECS = {"ddpm250": ("ddpm", "250"), "ddim50": ("ddim", "ddim50")}
 COLUMNS = ("part", "sampler", "model", "attn", "rows", "steps", "compile s", "ms/call", "s/image",
-           "speedup", "MACs ratio", "TFLOP/s", "% matmul", "note")
+           "speedup", "MACs ratio", "TFLOP/s", "% matmul", "note", "at s")
 
 
 def _impl(name: str) -> str | None:
@@ -67,13 +67,18 @@ def _timed(fn, *args):
 
 
 class Table:
-  """Markdown rows printed as they complete (a timed-out run still shows what it measured)."""
+  """Markdown rows printed as they complete (a timed-out run still shows what it measured).
+
+  "at s" is the time since the table started: what each part costs of a device-time budget.
+  """
 
   def __init__(self):
     self.rows: list[dict] = []
+    self.start = time.perf_counter()
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
 
   def add(self, **row):
+    row.setdefault("at s", round(time.perf_counter() - self.start))
     self.rows.append(row)
     cells = []
     for c in COLUMNS:
