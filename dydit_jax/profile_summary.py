@@ -3,7 +3,9 @@
 The engine's gap to its ideal speed on a GPU (docs/benchmarks.md) is either idle device time (host
 round trips for branch predicates, launch latency) or slow kernels (odd matmul shapes, gathers). A
 trace answers which: `summarize` reports the span from the first to the last kernel, the time some
-kernel was running (union over streams), and the kernels with the most total time.
+kernel was running (union over streams), the time per kind of kernel (matmul, attention, fusion,
+copy: unrolled programs name every layer's fusions apart, so only the kinds add up across layers),
+and the kernels with the most total time.
 
   with jax.profiler.trace(logdir): run()
   print(format_summary(summarize(logdir)))
@@ -15,7 +17,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from pathlib import Path
+
+# Kinds of kernels, first match wins; names as XLA GPU, cuBLAS and cuDNN print them.
+KINDS = (
+    ("attention", re.compile(r"sdpa|flash|fmha|attention", re.I)),
+    ("matmul", re.compile(r"nvjet|gemm|xmma|cutlass|cublas|\bdot|_dot", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
+    ("fusion", re.compile(r"fusion|convert|transpose|broadcast|reduce|select|gather|scatter|slice", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+  """matmul | attention | copy | fusion (elementwise, reductions, gathers) | other."""
+  return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
 
 
 @dataclasses.dataclass
@@ -24,6 +40,7 @@ class TraceSummary:
   busy_ms: float                                  # union of kernel intervals
   kernels: list[tuple[str, float, int]]           # (name, total ms, count), most time first
   source: str                                     # which plane / lines were read
+  kinds: dict[str, float] = dataclasses.field(default_factory=dict)  # kernel_kind -> total ms, all kernels
 
   @property
   def idle_fraction(self) -> float:
@@ -75,13 +92,20 @@ def summarize(logdir, top: int = 25) -> TraceSummary:
   busy += cur_end - cur_start
   span = max(e for _, e in intervals) - intervals[0][0]
   kernels = [(name, ns / 1e6, counts[name]) for name, ns in totals.most_common(top)]
-  return TraceSummary(span / 1e6, busy / 1e6, kernels, source)
+  kinds = collections.Counter()
+  for name, ns in totals.items():
+    kinds[kernel_kind(name)] += ns / 1e6
+  return TraceSummary(span / 1e6, busy / 1e6, kernels, source, dict(kinds.most_common()))
 
 
 def format_summary(s: TraceSummary, title: str = "") -> str:
   lines = [f"profile {title} ({s.source}): span {s.span_ms:.1f} ms, kernels running {s.busy_ms:.1f} ms, "
-           f"idle {100 * s.idle_fraction:.1f}%",
-           "| kernel | total ms | calls | % of busy |", "|---|---|---|---|"]
+           f"idle {100 * s.idle_fraction:.1f}%"]
+  if s.kinds:
+    total = sum(s.kinds.values())
+    lines.append("kernel time by kind: " + ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / total:.1f}%)"
+                                                      for kind, ms in s.kinds.items()))
+  lines += ["| kernel | total ms | calls | % of busy |", "|---|---|---|---|"]
   for name, ms, count in s.kernels:
     share = 100 * ms / s.busy_ms if s.busy_ms else 0.0
     lines.append(f"| {name[:90]} | {ms:.2f} | {count} | {share:.1f} |")

@@ -16,6 +16,8 @@ def test_profile_summary_reads_a_trace(tmp_path):
   s = profile_summary.summarize(tmp_path)
   assert s.kernels and s.kernels[0][1] > 0 and s.kernels[0][2] >= 3
   assert 0 < s.busy_ms <= s.span_ms + 1e-6
+  # Every kernel counts in exactly one kind; kernels may overlap in time, so the sum can pass busy.
+  assert sum(s.kinds.values()) >= s.kernels[0][1] and set(s.kinds) <= {"matmul", "attention", "copy", "fusion", "other"}
   text = profile_summary.format_summary(s, "toy")
   assert "idle" in text and s.kernels[0][0][:20] in text
 
@@ -43,3 +45,14 @@ def test_train_step_benchmark_runs_the_trainer_step():
                     matmul_size=128)
   assert r["mesh"] == {"data": jax.device_count(), "fsdp": 1}
   assert r["steps_per_s"] > 0 and 0 < r["mfu"] and jnp.isfinite(r["loss"])
+
+
+def test_kernel_kinds_of_gpu_kernel_names():
+  # Names from an H100 trace of the dense DiT and the engine (docs/benchmarks.md §3c).
+  kinds = {"nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT": "matmul",
+           "sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x256x32": "matmul",
+           "gemm_fusion_dot_general_7": "matmul",
+           "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention",
+           "loop_multiply_fusion": "fusion", "loop_select_fusion_7": "fusion", "fusion_6141": "fusion",
+           "memcpy128": "copy", "Memset 3": "copy", "wrapped_iota": "other"}
+  assert {name: profile_summary.kernel_kind(name) for name in kinds} == kinds
