@@ -129,3 +129,15 @@ def test_cli_engine_bf16_on_a_dydit(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "error: labels must lie in [0, 4)" in bad.stderr
   assert "Traceback" not in bad.stderr and not (tmp_path / "bad.png").exists()
+
+
+def test_masked_chain_traces_at_full_size():
+  # The whole CFG chain of a DyDiT-XL/2 traced on abstract weights (no XL array is made): what only full
+  # sizes trigger shows here, e.g. MAC constants beyond int32 (that crashed XL sampling on jax 0.11).
+  from dydit_jax.models import model_config
+  cfg = model_config("DiT-XL/2", 256, dynamic=True)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
+  run, timesteps = sample._compiled(graphdef, cfg.learn_sigma, sample.SampleOptions("ddpm", "2", cfg_scale=1.5))
+  samples, stats = jax.eval_shape(run, state, jnp.zeros((2,), jnp.int32), jax.random.PRNGKey(0))
+  assert samples.shape == (2, 32, 32, 4) and len(timesteps) == 2
+  assert stats["head"].shape == (2, cfg.depth) and stats["macs"].shape == (2,)
