@@ -147,7 +147,7 @@ class Bench:
     elif args.token_caps == "calibrated":
       observed = np.asarray(token_fraction_fn(model, seed=args.seed)(nnx.state(model)))
     # One compute copy (block weights cast once); every dense model and engine shares its arrays.
-    self.model = compute_model(model, args.dtype)
+    self.model = compute_model(model, args.dtype, residual_dtype=args.residual_dtype)
     self.token_fractions = {}
     for s in self.diffusions:
       if args.token_caps == "chain":  # the sampler's own trajectory, in the compute dtype
@@ -403,6 +403,8 @@ def parse(argv: Sequence[str] | None = None):
   p.add_argument("--cfg-scale", type=float, default=1.5, help="0 disables classifier-free guidance")
   p.add_argument("--samplers", default="ddpm250,ddim50")
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--residual-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="residual stream between blocks, dense and DyDiT alike (ModelConfig.residual_dtype)")
   p.add_argument("--attention", default="xla", help="attention for the chains: xla | cudnn")
   p.add_argument("--forward-attention", default="xla", help="comma list for parts forward / calls")
   p.add_argument("--forward-batch", type=int, default=256, help="rows of the dense forward part")
@@ -446,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse(argv)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; model "
-        f"{args.ckpt or args.model} {args.image_size}px, {args.dtype}, batch {args.batch} images, "
+        f"{args.ckpt or args.model} {args.image_size}px, {args.dtype} (residual {args.residual_dtype}), batch {args.batch} images, "
         f"cfg {args.cfg_scale or 'off'}, routers {args.routers}", flush=True)
   table = Table()
   try:

@@ -16,7 +16,7 @@ of `dydit_jax.models.flops.macs_ratio`. For a plain DiT all of that is 1.
 CLI (a converted model directory or a training workdir, whose EMA weights are used):
 
   python -m dydit_jax.sample --model=WORKDIR_OR_MODEL_DIR --classes=207,360,387,974 --per_class=4 \
-      --sampler=ddpm --steps=250 --cfg_scale=4.0 --out=grid.png [--engine=segments --dtype=bfloat16]
+      --sampler=ddpm --steps=250 --cfg_scale=4.0 --out=grid.png [--engine=buckets --dtype=bfloat16]
 
 `--engine=buckets|segments` samples a DyDiT through the fast engine (`dydit_jax.engine`; single host);
 the statistics then come from the width plan and the routed-token counts, and equal the masked
@@ -266,6 +266,8 @@ def _define_flags():
   flags.DEFINE_integer("segments", 8, "segment engine: ranges of steps")
   flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 (default: the checkpoint's)")
   flags.DEFINE_enum("attention", None, ["xla", "cudnn"], "attention implementation (default: the checkpoint's)")
+  flags.DEFINE_enum("residual_dtype", None, ["float32", "bfloat16"],
+                    "residual stream between blocks (default: the checkpoint's, float32); bfloat16 is faster")
   flags.DEFINE_string("out", "samples.png", "PNG to write; a .json with the FLOPs statistics goes next to it")
 
 
@@ -280,17 +282,19 @@ def main(argv):
 def run_cli(argv):
   del argv
   model = checkpoints.load_model(FLAGS.model, step=FLAGS.step, use_ema=FLAGS.ema)
-  if FLAGS.dtype or FLAGS.attention:
+  if FLAGS.dtype or FLAGS.attention or FLAGS.residual_dtype:
     attention = model.config.attention_impl if FLAGS.attention is None else \
         (None if FLAGS.attention == "xla" else FLAGS.attention)
-    model = compute_model(model, FLAGS.dtype or model.config.dtype, attention)
+    model = compute_model(model, FLAGS.dtype or model.config.dtype, attention, FLAGS.residual_dtype)
   labels = class_labels([int(c) for c in FLAGS.classes], FLAGS.per_class)
   options = SampleOptions(sampler=FLAGS.sampler, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale,
                           engine=FLAGS.engine, segments=FLAGS.segments)
   result = generate(model, labels, jax.random.PRNGKey(FLAGS.seed), options)
   path = save_grid(to_uint8(result.samples), FLAGS.out, ncols=FLAGS.per_class)
   stats = {"flops_ratio": result.flops_ratio, "options": dataclasses.asdict(options),
-           "labels": labels.tolist(), "dynamic": model.config.dynamic}
+           "labels": labels.tolist(), "dynamic": model.config.dynamic,
+           "numerics": {"dtype": model.config.dtype, "residual_dtype": model.config.residual_dtype,
+                        "attention": model.config.attention_impl or "xla"}}
   path.with_suffix(".json").write_text(json.dumps(stats, indent=2))
   logging.info("wrote %s (block-MACs ratio over the run %.4f)", path, result.flops_ratio)
   print(f"{path}  flops_ratio={result.flops_ratio:.4f}")

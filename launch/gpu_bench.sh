@@ -31,7 +31,9 @@
 # (default 8), PROFILE (default 1; 0 = no traces), EXACTNESS (default 0; 1 = run tests/test_engine.py
 # on the device first, in fp32 with highest matmul precision, under EXACTNESS_BUDGET s), OUT output folder (default workdir_bench: ignored by
 # git; holds bench.json and bench.log), EXTRA more bench flags, e.g. EXTRA="--head-buckets 4
-# --group-buckets 4 --token-buckets 6" (fewer compiled branches) or "--token-keep 1.0" (width only).
+# --group-buckets 4 --token-buckets 6" (fewer compiled branches), "--token-keep 1.0" (width only) or
+# "--residual-dtype bfloat16" (bf16 residual stream, dense and DyDiT alike: run once with and once
+# without to see what it does to the ratio).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

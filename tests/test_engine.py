@@ -344,3 +344,23 @@ def test_compiled_forwards_have_no_hidden_loops(setup, segmented):
   loops = lambda fn, arrays: jax.jit(fn).lower(arrays, x, t, y).compile().as_text().count(" while(")
   assert loops(lambda a, x, t, y: engine.apply(a, x, t, y, 5), engine.arrays) == 1
   assert loops(lambda a, x, t, y: segments.apply_segment(0, a, x, t, y, 5), segments.arrays) == 0
+
+
+def test_bf16_residual_stream_engine_matches_masked_forward(setup):
+  # With the residual stream in bfloat16 (ModelConfig.residual_dtype) and fp32 matmuls, engine and
+  # masked model round the same sums at the same points: equal up to an odd one-ulp difference.
+  model, _, plan, *_ = setup
+  model16 = compute_model(model, "float32", residual_dtype="bfloat16")
+  engine = DynamicEngine(model16, plan, FP32)
+  graphdef, state = nnx.split(model16)
+  x, t, y = _inputs(model.config, int(plan.timesteps[100]), seed=3)
+  tokens = nnx.merge(graphdef, state).embed(x, t, y)[0]
+  assert tokens.dtype == jnp.bfloat16
+  want, masks = jax.jit(lambda s: nnx.merge(graphdef, s)(x, t, y, return_masks=True))(state)
+  got, kept = jax.jit(engine.apply)(engine.arrays, x, t, y, 100)
+  assert got.dtype == jnp.float32 and rel_l2(got, want) <= 1e-3
+  np.testing.assert_array_equal(np.asarray(kept).T, np.asarray(masks["token"].sum(-1)))
+  # The bf16 stream changes the float32 model's output by bf16 rounding only.
+  graphdef32, state32 = nnx.split(model)
+  full = jax.jit(lambda s: nnx.merge(graphdef32, s)(x, t, y))(state32)
+  assert 1e-6 < rel_l2(want, full) <= 3e-2

@@ -206,3 +206,17 @@ def test_bf16_compute_close_to_fp32():
   nnx.update(bf16, nnx.state(model))
   x, t, y = sample_inputs(cfg)
   assert rel_l2(bf16(x, t, y), model(x, t, y)) < 3e-2
+
+
+def test_residual_dtype_is_a_runtime_choice():
+  cfg = tiny_config()
+  with pytest.raises(ValueError, match="residual_dtype"):
+    cfg.replace(residual_dtype="float16")
+  fast = cfg.replace(dtype="bfloat16", residual_dtype="bfloat16", attention_impl="cudnn")
+  assert fast.geometry() == cfg and fast != cfg   # checkpoints and width plans ignore it
+  model = randomize(DiT(cfg, rngs=nnx.Rngs(0)))
+  bf16_stream = DiT(cfg.replace(residual_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  nnx.update(bf16_stream, nnx.state(model))
+  x, t, y = sample_inputs(cfg)
+  assert bf16_stream.embed(x, t, y)[0].dtype == jnp.bfloat16
+  assert 1e-6 < rel_l2(bf16_stream(x, t, y), model(x, t, y)) < 3e-2

@@ -118,12 +118,13 @@ def test_cli_engine_bf16_on_a_dydit(tmp_path):
   out = tmp_path / "grid.png"
   proc = subprocess.run([sys.executable, "-m", "dydit_jax.sample", f"--model={tmp_path / 'model'}",
                          "--classes=0,2", "--per_class=2", "--steps=5", "--cfg_scale=2", "--engine=segments",
-                         "--segments=2", "--dtype=bfloat16", f"--out={out}"],
+                         "--segments=2", "--dtype=bfloat16", "--residual_dtype=bfloat16", f"--out={out}"],
                         cwd=th.REPO, env=th.env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert np.asarray(Image.open(out)).shape == (2 * 10 + 2, 2 * 10 + 2)
   stats = json.loads(out.with_suffix(".json").read_text())
   assert 0.0 < stats["flops_ratio"] < 1.0 and stats["options"]["engine"] == "segments"
+  assert stats["numerics"] == {"dtype": "bfloat16", "residual_dtype": "bfloat16", "attention": "xla"}
   bad = subprocess.run([sys.executable, "-m", "dydit_jax.sample", f"--model={tmp_path / 'model'}",
                         "--classes=0,9", f"--out={tmp_path / 'bad.png'}"], cwd=th.REPO, env=th.env(),
                        capture_output=True, text=True, timeout=300)

@@ -160,7 +160,7 @@ def compact(keep: jax.Array):
 
 
 def dynamic_block(block, spec: BlockSpec, tables, x: jax.Array, c: jax.Array):
-  """x (B,N,D) float32 residual, c (B,D) conditioning; tables = this layer's plan row.
+  """x (B,N,D) residual (ModelConfig.residual_dtype), c (B,D) conditioning; tables = this layer's plan row.
 
   Returns (x, kept (B,) int32 MLP-routed tokens per sample).
   """
@@ -171,7 +171,7 @@ def dynamic_block(block, spec: BlockSpec, tables, x: jax.Array, c: jax.Array):
 
   h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa).astype(dt)
   attn = jax.lax.switch(tables["head"]["bucket"], attention_branches(block, spec, tables["head"]), h)
-  x = x + gate_msa[:, None] * attn.astype(jnp.float32)
+  x = (x + gate_msa[:, None] * attn.astype(jnp.float32)).astype(x.dtype)
 
   keep = block.token_selection(x, train=False, key=None, tau=1.0) > 0.5      # (B, N), float32 router
   src, dest, count = compact(keep)
@@ -183,5 +183,5 @@ def dynamic_block(block, spec: BlockSpec, tables, x: jax.Array, c: jax.Array):
   token_bucket = jnp.sum(jnp.asarray(tcaps, jnp.int32) < count, dtype=jnp.int32)
   branch = jnp.asarray(ids)[tables["group"]["bucket"], token_bucket]
   y = jax.lax.switch(branch, branches, h, src, dest).reshape(b, n, d)
-  x = x + jnp.where(keep[..., None], gate_mlp[:, None] * y.astype(jnp.float32), 0.0)
+  x = (x + jnp.where(keep[..., None], gate_mlp[:, None] * y.astype(jnp.float32), 0.0)).astype(x.dtype)
   return x, keep.sum(-1, dtype=jnp.int32)

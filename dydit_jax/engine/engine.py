@@ -32,14 +32,16 @@ from dydit_jax.models.dit import DiT
 BLOCK_MATMULS = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"), ("adaLN_modulation",))
 
 
-def compute_model(model: DiT, dtype: str = "bfloat16", attention_impl: str | None = None) -> DiT:
+def compute_model(model: DiT, dtype: str = "bfloat16", attention_impl: str | None = None,
+                  residual_dtype: str | None = None) -> DiT:
   """The model rebuilt to compute in `dtype` with its block matmul weights stored in `dtype`.
 
   Shared by the engine and by dense baselines, so both read weights of the same width. Routers and
   embedders keep their stored dtype (routers always run in float32). Arrays already in `dtype` are
-  reused, not copied.
+  reused, not copied. residual_dtype: see `ModelConfig` (None keeps the model's).
   """
-  cfg = model.config.replace(dtype=jnp.dtype(dtype).name, attention_impl=attention_impl)
+  cfg = model.config.replace(dtype=jnp.dtype(dtype).name, attention_impl=attention_impl,
+                             residual_dtype=residual_dtype or model.config.residual_dtype)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
 
   def cast(path, value):
@@ -82,8 +84,7 @@ class EngineBase:
   """
 
   def __init__(self, model: DiT, plan: WidthPlan, options: EngineOptions):
-    if plan.config.replace(dtype="float32", attention_impl=None) != \
-        model.config.replace(dtype="float32", attention_impl=None):
+    if plan.config.geometry() != model.config.geometry():
       raise ValueError("the plan was computed for a different model geometry")
     self.plan = plan
     self.options = options

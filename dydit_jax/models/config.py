@@ -23,6 +23,9 @@ MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in _SIZES for p in (2, 4, 8))
 #   "forced_first": H-1 outputs, a constant 1 is prepended (Mar-2025 official release).
 #   "all": H outputs, no forced unit (Dec-2024 official release).
 ROUTER_FORMATS = ("forced_first", "all")
+RESIDUAL_DTYPES = ("float32", "bfloat16")
+# How a model runs, not which weights it holds: checkpoints and width plans ignore them.
+RUNTIME_FIELDS = ("dtype", "attention_impl", "remat", "residual_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,11 @@ class ModelConfig:
   # Numerics: parameters are stored in param_dtype, matmuls run in dtype.
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # The residual stream between blocks: float32 (what PyTorch autocast keeps, the default) or
+  # bfloat16, which halves the bytes of the per-layer passes over it (norms, modulation, gated adds)
+  # that do not shrink with DyDiT's widths (docs/benchmarks.md §3c). Each add is computed in float32
+  # and rounded once.
+  residual_dtype: str = "float32"
   # Gumbel-sigmoid temperature of the training-time gates (only scales gradients).
   gate_tau: float = 5.0
   # Runtime choices (not geometry): jax.nn.dot_product_attention implementation (None = XLA,
@@ -59,6 +67,8 @@ class ModelConfig:
       raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
     if self.router_format not in ROUTER_FORMATS:
       raise ValueError(f"router_format must be one of {ROUTER_FORMATS}, got {self.router_format!r}")
+    if self.residual_dtype not in RESIDUAL_DTYPES:
+      raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
     if self.mlp_hidden % self.num_heads:
       raise ValueError(f"MLP width {self.mlp_hidden} does not split into {self.num_heads} groups")
 
@@ -121,6 +131,11 @@ class ModelConfig:
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+  def geometry(self) -> "ModelConfig":
+    """This config with the RUNTIME_FIELDS at their defaults: equal for models of the same weights."""
+    defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in RUNTIME_FIELDS}
+    return self.replace(**defaults)
 
 
 def model_config(name: str, image_size: int = 256, **overrides) -> ModelConfig:

@@ -144,7 +144,7 @@ class DiTBlock(nnx.Module):
 
     head_mask = self.attn_rate(t_emb, train=train, key=keys[0], tau=self.tau) if routed else None
     h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
-    x = x + gate_msa[:, None] * self.attn(h, head_mask).astype(jnp.float32)
+    x = (x + gate_msa[:, None] * self.attn(h, head_mask).astype(jnp.float32)).astype(x.dtype)
 
     token_mask = self.token_selection(x, train=train, key=keys[1], tau=self.tau) if routed else None
     group_mask = self.mlp_rate(t_emb, train=train, key=keys[2], tau=self.tau) if routed else None
@@ -152,7 +152,7 @@ class DiTBlock(nnx.Module):
     branch = gate_mlp[:, None] * self.mlp(h, group_mask).astype(jnp.float32)
     if token_mask is not None:
       branch = branch * token_mask[..., None]
-    x = x + branch
+    x = (x + branch).astype(x.dtype)
 
     ones_h = jnp.ones((b, self.attn.num_heads), jnp.float32)
     masks = (ones_h if head_mask is None else head_mask,
@@ -200,8 +200,10 @@ class DiT(nnx.Module):
     self.final_layer = FinalLayer(config, rngs=rngs)
 
   def embed(self, x, t, y, *, train=False, key=None, force_drop_ids=None):
-    """Tokens (B,N,D) float32, conditioning c = t_emb + y_emb, and t_emb (the width routers' input)."""
+    """Tokens (B,N,D) in the residual dtype, conditioning c = t_emb + y_emb, and t_emb (the width
+    routers' input)."""
     tokens = self.x_embedder(x).astype(jnp.float32) + self.pos_embed[...].astype(jnp.float32)
+    tokens = tokens.astype(self.config.residual_dtype)
     t_emb = self.t_embedder(t)
     y_emb = self.y_embedder(y, train=train, key=key, force_drop_ids=force_drop_ids)
     return tokens, t_emb + y_emb, t_emb

@@ -32,13 +32,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from dydit_jax.models import DiT, ModelConfig
+from dydit_jax.models.config import RUNTIME_FIELDS
 from dydit_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 # ModelConfig fields that may change between a checkpoint and the run resuming it (numerics and
 # implementation choices); every other field is geometry and must match.
-RUNTIME_FIELDS = ("dtype", "attention_impl", "remat")
 
 
 class IncompatibleCheckpointError(ValueError):
