@@ -314,3 +314,12 @@ def test_prepare_imagenet_reads_tfds_manual_dir_end_to_end(tmp_path):
     example = source[i]
     want = encoder(preprocess_image(jpegs[int(example["y"])], 256, False)[None])[0]
     np.testing.assert_array_equal(example["x"], want * LATENT_SCALE)
+
+
+def test_host_blocks_are_contiguous_rows_of_the_global_batch():
+  # The trainer uploads host p's batch as rows pL .. (p+1)L - 1 of the global batch (sharding.host_rows).
+  reference = take(BatchIterator(IndexSource(40), 8, seed=1, process_index=0, process_count=1), 7)
+  hosts = [take(BatchIterator(IndexSource(40), 8, seed=1, process_index=p, process_count=4), 7)
+           for p in range(4)]
+  for step, global_batch in enumerate(reference):
+    assert [i for host in hosts for i in ids(host[step])] == ids(global_batch)

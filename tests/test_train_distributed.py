@@ -81,6 +81,10 @@ def test_two_processes_equal_one_process(runs):
   wd, logs = runs
   assert "process 0 of 2; 4 local / 8 global devices" in logs["hosts"][0]
   assert "process 1 of 2; 4 local / 8 global devices" in logs["hosts"][1]
+  # Each host read only its own half of every global batch, and the runs still agree.
+  assert "reads block 0 of 2 of each global batch" in logs["hosts"][0]
+  assert "reads block 1 of 2 of each global batch" in logs["hosts"][1]
+  assert "reads block 0 of 1 of each global batch" in logs["one"]
   assert th.max_abs_error(params(wd["hosts"]), params(wd["mesh"])) <= TOL
   assert th.max_abs_error(params(wd["hosts"]), params(wd["one"])) <= TOL
 

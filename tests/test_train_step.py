@@ -88,3 +88,13 @@ def test_large_gradient_norm_skips_the_update():
   assert int(new.step) == 1 and int(new.opt_state[0].count) == 0
   for a, b in zip(_flat(new.params).values(), _flat(state.params).values()):
     np.testing.assert_array_equal(a, b)
+
+
+def test_host_block_of_a_global_batch():
+  mesh = sharding.make_mesh()
+  assert sharding.host_rows(mesh, 16) == (0, 1)          # one process holds every row
+  x = np.arange(16, dtype=np.float32)[:, None]
+  np.testing.assert_array_equal(np.asarray(sharding.global_batch({"x": x}, mesh)["x"]), x)
+  # A block that does not contain the rows this host's devices hold is refused, not misplaced.
+  with pytest.raises(ValueError, match="outside this host's block"):
+    sharding.global_batch({"x": x[:8]}, mesh, block=(1, 2))

@@ -7,10 +7,12 @@ A source is any random-access sequence of examples `{"x": (H,W,C) float32, "y": 
   (seed, e) by grain's index shuffle, so every epoch is reshuffled and the whole stream
   is a pure function of the seed. Batches are cut from this stream back to back; a
   batch may straddle an epoch boundary (no example is ever dropped).
-* Host p of P reads the examples p, p+P, p+2P, ... of that stream. Its k-th batch is
-  therefore a disjoint 1/P of global batch k, and the P hosts together hold exactly
-  global batch k. Unlike sharding the records per host, this keeps the global batches
-  independent of the number of hosts.
+* Global batch k is examples kB .. (k+1)B - 1 of that stream. Host p of P reads rows
+  pL .. (p+1)L - 1 of it (L = B/P), in order: a disjoint block, and the P hosts together
+  hold exactly global batch k. These are the rows its devices hold when the mesh lists
+  the processes in order along the batch axis (`dydit_jax.train.sharding.host_rows`
+  says which block a host owns). Unlike sharding the records per host, this keeps the
+  global batches independent of the number of hosts.
 * The position is the number of global examples consumed, stored as the JSON-able
   `{"seed", "epoch", "index"}`. Because it counts examples, not batches, a run can
   resume with another host count (or another global batch size) and still continue
@@ -21,6 +23,7 @@ held in memory should use 0 threads (the GIL makes threads pure overhead there).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol
 
 import grain
@@ -64,8 +67,9 @@ class BatchIterator:
       source: random-access examples.
       global_batch_size: batch size summed over all hosts.
       seed: shuffle seed in [0, 2**32); the whole stream is a function of it.
-      process_index: this host's index; default `jax.process_index()`.
-      process_count: number of hosts; default `jax.process_count()`.
+      process_index: which block of each global batch this host reads; default
+        `jax.process_index()`.
+      process_count: number of blocks (hosts); default `jax.process_count()`.
       num_threads: grain reader threads; default `source.read_threads`.
     """
     self.source = source
@@ -101,7 +105,9 @@ class BatchIterator:
     """Restarts reading at global example `position` of the stream."""
     if self._iterator is not None:
       self._iterator.close()
-    host_stream = self._stream[position + self.process_index::self.process_count]
+    stream, rows, first = self._stream, self.local_batch_size, self.process_index * self.local_batch_size
+    host_stream = grain.MapDataset.range(0, sys.maxsize).map(
+        lambda i: stream[position + (i // rows) * self.global_batch_size + first + i % rows])
     read_options = grain.ReadOptions(num_threads=self.num_threads,
                                      prefetch_buffer_size=2 * self.num_threads)
     batches = host_stream.batch(self.local_batch_size).to_iter_dataset(read_options)

@@ -162,11 +162,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   abstract = state_lib.abstract_state(cfg, tx)
   min_bytes = config.fsdp_min_size_mb * 2 ** 20
   shardings = sharding.tree_shardings(abstract, mesh, min_bytes)
-  # Every host reads the whole global batch (see sharding.global_batch).
-  data = make_dataset(_data_config(config), process_index=0, process_count=1)
-  _check_data(data, cfg)
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices")
+  # Each host reads only the rows of every global batch that its devices hold.
+  block = sharding.host_rows(mesh, config.batch_size)
+  data = make_dataset(_data_config(config), process_index=block[0], process_count=block[1])
+  _check_data(data, cfg)
 
   ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep, use_async=config.checkpoint.use_async)
   logger = MetricLogger(workdir, total_steps=config.total_steps, tensorboard=config.tensorboard,
@@ -184,7 +185,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         logger.parameter_overview(nnx.to_pure_dict(state.params))
     step = int(jax.device_get(state.step))
     first_step = step
-    logging.info("mesh %s; train state: %s", dict(mesh.shape), sharding.describe(state))
+    logging.info("mesh %s; this host reads block %d of %d of each global batch; train state: %s",
+                 dict(mesh.shape), block[0], block[1], sharding.describe(state))
     last_saved = ckpt.latest_step()
     step_fns = {}
 
@@ -214,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         logger.write_scalars(step, means)
 
     while step < config.total_steps:
-      batch = sharding.global_batch(next(data), mesh)
+      batch = sharding.global_batch(next(data), mesh, block)
       state, metrics = step_fn(step_lib.uses_complete_loss(config, step))(state, batch)
       step += 1
       window.add(step, metrics)
