@@ -448,8 +448,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = parse(argv)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; model "
-        f"{args.ckpt or args.model} {args.image_size}px, {args.dtype} (residual {args.residual_dtype}), batch {args.batch} images, "
-        f"cfg {args.cfg_scale or 'off'}, routers {args.routers}", flush=True)
+        f"{args.ckpt or args.model} {args.image_size}px, {args.dtype} (residual {args.residual_dtype}), "
+        f"batch {args.batch} images, cfg {args.cfg_scale or 'off'}, routers {args.routers}", flush=True)
   table = Table()
   try:
     bench = Bench(args, table)

@@ -43,4 +43,3 @@ def token_fraction_fn(model: DiT, batch: int = 8, seed: int = 0):
     return masks["token"].mean(axis=-1)
 
   return fractions
-

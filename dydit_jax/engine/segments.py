@@ -17,7 +17,8 @@ timestep only, so they are known on the host before sampling starts. This engine
 Trade-offs, measured (docs/benchmarks.md §3c, H100, XL, DDPM-250 + CFG): no width switches and
 matmul shapes fixed per layer, against K unrolled programs to compile and the padding of a union over a
 segment's steps. Removing the width switches gained nothing there: K = 4 (GPU busy 99% of its chain)
-ran at 1.34x against the bucket engine's 1.38x and took 80 s to compile against 35 s. It stays as an option (`--engine segments`) for backends where branches cost more.
+ran at 1.34x against the bucket engine's 1.38x and took 80 s to compile against 35 s. It stays as an
+option (`--engine segments`) for backends where branches cost more.
 """
 from __future__ import annotations
 

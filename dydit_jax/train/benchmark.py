@@ -3,8 +3,8 @@
 Times the real jitted train step (`train.step.make_train_step`: dynamic forward with Gumbel gates,
 MSE+VB, FLOPs loss, optional complete-model forward, clip-then-skip, AdamW, EMA) on synthetic
 latents, on all devices with the trainer's placement (a (data, fsdp) mesh, FSDP rule for the state,
-batch over both axes). Reports steps/s, images/s and model
-FLOPs utilization against a bf16 matmul rate measured in the same process.
+batch over both axes). Reports steps/s, images/s and model FLOPs utilization against a bf16 matmul
+rate measured in the same process.
 
 Model FLOPs per image = 2 x 3 x dense MACs (forward + backward ~ 3 forwards) x (2 with the
 complete-model loss): training computes masked dense, so routers save no training FLOPs.
@@ -55,8 +55,7 @@ def run(model: str, batch: int, dtype: str, steps: int, complete: bool, remat: b
   achieved = flops_per_image * batch / step_s / 1e12
   peak = matmul_rate(matmul_size) * jax.device_count()
   return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
-          "model": model,
-          "batch": batch, "dtype": dtype, "complete_loss": complete, "remat": remat,
+          "model": model, "batch": batch, "dtype": dtype, "complete_loss": complete, "remat": remat,
           "attention": attention or "xla", "compile_s": round(compile_s, 1),
           "steps_per_s": round(1 / step_s, 3), "images_per_s": round(batch / step_s, 1),
           "model_tflops": round(achieved, 1), "matmul_tflops": round(peak, 1),

@@ -32,13 +32,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from dydit_jax.models import DiT, ModelConfig
-from dydit_jax.models.config import RUNTIME_FIELDS
 from dydit_jax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
-# ModelConfig fields that may change between a checkpoint and the run resuming it (numerics and
-# implementation choices); every other field is geometry and must match.
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -46,9 +43,10 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def check_compatible(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
-  """Raise IncompatibleCheckpointError naming every differing geometry field."""
-  a, b = saved.to_dict(), wanted.to_dict()
-  diff = {k: (a[k], b[k]) for k in a if k not in RUNTIME_FIELDS and a[k] != b[k]}
+  """Raise IncompatibleCheckpointError naming every differing geometry field (`ModelConfig.geometry`:
+  numerics and implementation choices may change between a checkpoint and the run resuming it)."""
+  a, b = saved.geometry().to_dict(), wanted.geometry().to_dict()
+  diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
   if diff:
     lines = ", ".join(f"{k}: checkpoint {s!r} vs config {w!r}" for k, (s, w) in sorted(diff.items()))
     raise IncompatibleCheckpointError(f"{where} holds a different model than the config asks for ({lines})")
@@ -118,7 +116,6 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
     return None
-
 
   def _restore(self, step: int, abstract: TrainState, shardings: TrainState):
     target = _with_shardings(abstract, shardings)
