@@ -9,9 +9,9 @@ Equal, up to float rounding, to the masked eval-mode block of `dydit_jax.models.
   output before GELU and GELU(0) = 0, so a closed group contributes nothing to fc2.
 - tokens: the token router (on the residual after attention, float32) picks rows; they are compacted
   into a buffer of static capacity (one cumsum for destinations, one small int scatter to list the
-  sources, then gathers), the MLP runs on the buffer, and each routed token gathers its row back.
-  Skipped tokens keep the residual. Gathers instead of activation scatters: measured faster on GPU
-  (shared/design.md §4).
+  sources, then gathers), the MLP runs on the buffer, and each routed token gathers its row back
+  inside the residual update. Skipped tokens keep the residual. Gathers instead of activation
+  scatters: measured faster on GPU (shared/design.md §4).
 
 Widths come from the plan tables (bucket id = which compiled capacity); the token capacity is chosen
 from the routed count at run time. Both choices are `lax.switch` branches of static shape, built here
@@ -60,12 +60,14 @@ def _params(linear, dt):
 
 
 def _unit_slice(w_in, b_in, w_out, parts: int, unit_size: int, tables, cap: int, num_units: int, dt):
-  """The planned units of an in-projection / out-projection pair, as 2-D weights for `cap` units.
+  """The planned units of an in-projection / out-projection pair, as weights for `cap` units.
 
   The in-projection's outputs are [parts] x units x unit_size (qkv: 3 x heads x head_dim; fc1:
   1 x groups x group_size); the out-projection's rows are units x unit_size. Below full capacity the
   first `cap` units of the plan's open-first order are gathered; out rows of closed or padded units
-  are zeroed (the plan mask at full capacity, the padded validity below it).
+  are zeroed (the plan mask at full capacity, the padded validity below it). Returns w_in (parts, D,
+  cap * unit_size), b_in (parts, cap * unit_size), w_out (cap * unit_size, D_out): one matmul per part
+  (see `layers.split_linear`).
   """
   d = w_in.shape[0]
   w_in = w_in.reshape(d, parts, num_units, unit_size)
@@ -76,7 +78,8 @@ def _unit_slice(w_in, b_in, w_out, parts: int, unit_size: int, tables, cap: int,
     w_in, b_in, w_out = jnp.take(w_in, idx, axis=2), jnp.take(b_in, idx, axis=1), jnp.take(w_out, idx, axis=0)
   weight = tables["mask"] if cap == num_units else tables["valid"][:cap]
   w_out = w_out * weight.astype(dt)[:, None, None]
-  return w_in.reshape(d, -1), b_in.reshape(-1), w_out.reshape(cap * unit_size, -1)
+  w_in = jnp.moveaxis(w_in, 1, 0).reshape(parts, d, cap * unit_size)
+  return w_in, b_in.reshape(parts, -1), w_out.reshape(cap * unit_size, -1)
 
 
 def attention_branches(block, spec: BlockSpec, tables) -> list[Callable]:
@@ -90,10 +93,9 @@ def attention_branches(block, spec: BlockSpec, tables) -> list[Callable]:
       b, n, _ = h.shape
       if cap == 0:
         return jnp.broadcast_to(proj_b, (b, n, d))
-      wq, bq, wp = _unit_slice(qkv_k, qkv_b, proj_k, 3, hd, tables, cap, heads, dt)
-      qkv = _dot(h, wq, bq).reshape(b, n, 3, cap, hd)
-      o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                       implementation=spec.attention_impl)
+      w_qkv, b_qkv, wp = _unit_slice(qkv_k, qkv_b, proj_k, 3, hd, tables, cap, heads, dt)
+      q, k, v = (_dot(h, w_qkv[i], b_qkv[i]).reshape(b, n, cap, hd) for i in range(3))
+      o = jax.nn.dot_product_attention(q, k, v, implementation=spec.attention_impl)
       return _dot(o.reshape(b, n, cap * hd), wp, proj_b)
     return branch
 
@@ -122,27 +124,38 @@ def mlp_keys(spec: BlockSpec, rows: int):
   return keys, ids, tcaps
 
 
-def mlp_branches(block, spec: BlockSpec, tables, rows: int) -> list[Callable]:
-  """One branch per `mlp_keys` entry: (h_flat (R,D) compute dtype, src (R,), dest (R,)) -> (R,D).
+def _add_mlp_branch(x, keep, gate, y):
+  """The residual after the MLP: x + gate * y on routed tokens; skipped tokens keep x (float32 add,
+  rounded once to the residual dtype). x (B,N,D), keep (B,N) bool, gate (B,D), y (B,N,D) or (D,)."""
+  branch = gate[:, None] * y.astype(jnp.float32)
+  return (x + jnp.where(keep[..., None], branch, 0.0)).astype(x.dtype)
 
-  Row r of the result is the MLP output of flattened token r when r is routed (unrouted rows hold
-  garbage or zeros: the caller keeps routed rows only).
+
+def mlp_branches(block, spec: BlockSpec, tables, rows: int) -> list[Callable]:
+  """One branch per `mlp_keys` entry: (x (B,N,D) residual, h_flat (R,D) compute dtype, src (R,),
+  dest (R,), keep (B,N) bool, gate (B,D) float32) -> the residual after the MLP (B,N,D).
+
+  The residual update lives inside the branch so that the compacted MLP output is read back through
+  `dest` inside the same fusion as the add: a branch output of `lax.switch` is materialized, and
+  returning the MLP output at full size would write and read one more (B,N,D) array per layer.
   """
   cfg, dt = spec.config, spec.compute_dtype
-  d, groups, gs = cfg.hidden_size, cfg.num_groups, cfg.group_size
+  groups, gs = cfg.num_groups, cfg.group_size
   (fc1_k, fc1_b), (fc2_k, fc2_b) = _params(block.mlp.fc1, dt), _params(block.mlp.fc2, dt)
 
   def make(key):
-    def branch(h_flat, src, dest):
-      if key == "none":
-        return jnp.zeros((rows, d), dt)
-      if key == "bias":
-        return jnp.broadcast_to(fc2_b, (rows, d))
+    def branch(x, h_flat, src, dest, keep, gate):
+      if key == "none":                      # no routed token: every token keeps the residual
+        return x
+      if key == "bias":                      # no open group: the MLP output is fc2's bias
+        return _add_mlp_branch(x, keep, gate, fc2_b)
       gcap, tcap = key
-      w1, b1, w2 = _unit_slice(fc1_k, fc1_b, fc2_k, 1, gs, tables, gcap, groups, dt)
-      x = h_flat if tcap == rows else jnp.take(h_flat, src[:tcap], axis=0)
-      y = _dot(layers.gelu_tanh(_dot(x, w1, b1)), w2, fc2_b)
-      return y if tcap == rows else jnp.take(y, jnp.clip(dest, 0, tcap - 1), axis=0)
+      (w1,), (b1,), w2 = _unit_slice(fc1_k, fc1_b, fc2_k, 1, gs, tables, gcap, groups, dt)
+      h = h_flat if tcap == rows else jnp.take(h_flat, src[:tcap], axis=0)
+      y = _dot(layers.gelu_tanh(_dot(h, w1, b1)), w2, fc2_b)
+      if tcap < rows:                        # routed row r finds its result at buffer slot dest[r]
+        y = jnp.take(y, jnp.clip(dest, 0, tcap - 1), axis=0)
+      return _add_mlp_branch(x, keep, gate, y.reshape(x.shape))
     return branch
 
   return [make(key) for key in mlp_keys(spec, rows)[0]]
@@ -182,6 +195,5 @@ def dynamic_block(block, spec: BlockSpec, tables, x: jax.Array, c: jax.Array):
   # while loop, i.e. on a GPU a host round trip per iteration, several per layer and call.
   token_bucket = jnp.sum(jnp.asarray(tcaps, jnp.int32) < count, dtype=jnp.int32)
   branch = jnp.asarray(ids)[tables["group"]["bucket"], token_bucket]
-  y = jax.lax.switch(branch, branches, h, src, dest).reshape(b, n, d)
-  x = (x + jnp.where(keep[..., None], gate_mlp[:, None] * y.astype(jnp.float32), 0.0)).astype(x.dtype)
+  x = jax.lax.switch(branch, branches, x, h, src, dest, keep, gate_mlp)
   return x, keep.sum(-1, dtype=jnp.int32)

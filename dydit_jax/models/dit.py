@@ -90,10 +90,11 @@ class Attention(nnx.Module):
     self.proj = layers.linear(d, d, rngs=rngs, **_dtypes(cfg))
 
   def heads(self, x: jax.Array):
-    """q, k, v as (B, N, H, head_dim); the fused output axis is [q | k | v] x heads x head_dim."""
+    """q, k, v as (B, N, H, head_dim); the fused output axis is [q | k | v] x heads x head_dim,
+    computed as three matmuls (`layers.split_linear`)."""
     b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return [part.reshape(b, n, self.num_heads, d // self.num_heads)
+            for part in layers.split_linear(self.qkv, x, 3)]
 
   def __call__(self, x: jax.Array, head_mask: jax.Array | None = None) -> jax.Array:
     q, k, v = self.heads(x)
