@@ -7,8 +7,9 @@ residual stream right after the attention update; a closed token skips the MLP b
 
 Gates: training draws the official Gumbel-sigmoid with a straight-through estimator (two Gumbel
 draws, temperature tau, hard threshold 0.5), per sample and per gate; eval is deterministic
-(on <=> logit > 0). Routers run in float32 whatever the compute dtype, so bf16 inference makes the
-same on/off decisions as the fp32 reference.
+(on <=> logit > 0). Routers compute in float32 whatever the compute dtype, so bf16 inference makes
+the same on/off decisions as the fp32 reference; the token router reads the residual stream in its
+own dtype (float32 unless `ModelConfig.residual_dtype` is bfloat16: then bf16 products, f32 sums).
 """
 from __future__ import annotations
 
@@ -80,7 +81,12 @@ class TokenRouter(nnx.Module):
     )
 
   def logits(self, x: jax.Array) -> jax.Array:
-    return self.mlp_head(x.astype(jnp.float32))[..., 0]
+    """Why the first layer is spelled out: a bfloat16 residual stream is multiplied as it is (float32
+    sums) rather than widened first, which would write and read a float32 copy of the stream in every
+    layer; a float32 stream computes exactly what `mlp_head(x)` computes."""
+    first, activation, second = self.mlp_head.layers
+    hidden = jnp.dot(x, first.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    return second(activation(hidden + first.bias[...]))[..., 0]
 
   def __call__(self, x: jax.Array, *, train: bool, key, tau: float) -> jax.Array:
     return gate(self.logits(x), train=train, key=key, tau=tau)
