@@ -20,7 +20,8 @@ CLI (a converted model directory or a training workdir, whose EMA weights are us
 
 `--engine=buckets|segments` samples a DyDiT through the fast engine (`dydit_jax.engine`; single host);
 the statistics then come from the width plan and the routed-token counts, and equal the masked
-path's.
+path's. Many batches through the engine: `EngineSampler(model, options).generate(labels, key)` per
+batch plans and compiles once.
 
 This module never imports clu / TensorFlow.
 """
@@ -152,65 +153,107 @@ def _engine_stats(plan: WidthPlan, kept: np.ndarray) -> dict[str, np.ndarray]:
           "macs": plan.macs(kept).mean(-1)}
 
 
-def _run_engine(model: DiT, labels: np.ndarray, key: jax.Array, options: SampleOptions):
-  """Samples through the fast engine; returns (samples, stats, timesteps).
+class EngineSampler:
+  """A DyDiT sampled through the fast engine, planned and compiled once for any number of batches.
+
+  Why an object: the width plan, the engine's compute copy of the weights and the compile of its
+  chain cost seconds to a minute at full size (35 s for DiT-XL/2 on an H100), and a loop over batches
+  (e.g. 50k samples for FID) should pay them once, not per batch as `generate(..., engine=...)` does.
+  Each batch size compiles once; `traces` counts the compiles.
 
   With several local devices and a batch they divide, the images are split over them (data parallel,
   `jax.shard_map`): every device runs the whole chain on its images with the replicated engine arrays
   and compacts its own tokens, and the samples equal a one-device run (per-image noise).
   """
-  cfg = model.config
-  if not cfg.dynamic:
-    raise ValueError(f"engine {options.engine!r} needs a DyDiT; a plain DiT samples with engine 'masked'")
-  diffusion = create_diffusion(options.steps, learn_sigma=cfg.learn_sigma)
-  timesteps = sampling_timesteps(diffusion)
-  plan = WidthPlan.from_model(model, timesteps)
-  engine_options = EngineOptions(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
-  engine = (SegmentEngine(model, plan, engine_options, num_segments=options.segments)
-            if options.engine == "segments" else DynamicEngine(model, plan, engine_options))
-  guidance = _guidance(options)
-  total = len(labels)
 
-  def run(arrays, labels, image_ids, key):
-    pieces = [(rows, guided(f, labels, cfg_scale=guidance, num_classes=cfg.num_classes))
-              for rows, f in engine.forwards(arrays)]
-    noise, chain_key, rows = _noise(key, labels, cfg, guidance, image_ids, total)
-    x, kept = sample_pieces(pieces, diffusion, noise, chain_key, method=options.sampler, eta=options.eta,
-                            row_ids=rows)
-    return x[:labels.shape[0]], kept
+  def __init__(self, model: DiT, options: SampleOptions):
+    cfg = model.config
+    if not cfg.dynamic:
+      raise ValueError(f"engine {options.engine!r} needs a DyDiT; a plain DiT samples with engine 'masked'")
+    _check_options(options)
+    if options.engine == "masked":
+      raise ValueError(f"EngineSampler runs the engines {ENGINES[1:]}; 'masked' samples with generate()")
+    self.config, self.options = cfg, options
+    self.diffusion = create_diffusion(options.steps, learn_sigma=cfg.learn_sigma)
+    self.timesteps = sampling_timesteps(self.diffusion)
+    self.plan = WidthPlan.from_model(model, self.timesteps)
+    engine_options = EngineOptions(dtype=cfg.dtype, attention_impl=cfg.attention_impl)
+    self.engine = (SegmentEngine(model, self.plan, engine_options, num_segments=options.segments)
+                   if options.engine == "segments" else DynamicEngine(model, self.plan, engine_options))
+    self.traces = 0
+    self._runs = {}
 
-  devices = jax.local_devices()
-  if len(devices) > 1 and total % len(devices) == 0:
-    mesh = Mesh(np.asarray(devices), ("data",))
-    run = jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()),
-                        out_specs=(P("data"), P(None, None, "data")), check_vma=False)
-  samples, kept = jax.device_get(jax.jit(run)(engine.arrays, jnp.asarray(labels),
-                                              jnp.arange(total, dtype=jnp.int32), key))
-  return samples, _engine_stats(plan, np.asarray(kept, np.int64)), timesteps
+  def _run(self, total: int):
+    """The jitted chain for batches of `total` images (built once per batch size)."""
+    if total in self._runs:
+      return self._runs[total]
+    cfg, options, engine = self.config, self.options, self.engine
+    guidance = _guidance(options)
+
+    def run(arrays, labels, image_ids, key):
+      self.traces += 1
+      pieces = [(rows, guided(f, labels, cfg_scale=guidance, num_classes=cfg.num_classes))
+                for rows, f in engine.forwards(arrays)]
+      noise, chain_key, rows = _noise(key, labels, cfg, guidance, image_ids, total)
+      x, kept = sample_pieces(pieces, self.diffusion, noise, chain_key, method=options.sampler,
+                              eta=options.eta, row_ids=rows)
+      return x[:labels.shape[0]], kept
+
+    devices = jax.local_devices()
+    if len(devices) > 1 and total % len(devices) == 0:
+      mesh = Mesh(np.asarray(devices), ("data",))
+      run = jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data"), P("data"), P()),
+                          out_specs=(P("data"), P(None, None, "data")), check_vma=False)
+    self._runs[total] = jax.jit(run)
+    return self._runs[total]
+
+  def generate(self, labels: Sequence[int], key: jax.Array) -> SampleResult:
+    """One image per label, as `generate(model, labels, key, options)` samples them."""
+    labels = _checked_labels(labels, self.config)
+    total = len(labels)
+    samples, kept = jax.device_get(self._run(total)(self.engine.arrays, jnp.asarray(labels),
+                                                    jnp.arange(total, dtype=jnp.int32), key))
+    stats = _engine_stats(self.plan, np.asarray(kept, np.int64))
+    return _result(samples, self.timesteps, stats, self.config)
 
 
-def generate(model: DiT, labels: Sequence[int], key: jax.Array, options: SampleOptions = SampleOptions()
-             ) -> SampleResult:
-  """Samples one image per label (eval mode: deterministic gates) and the chain's mask statistics."""
+def _check_options(options: SampleOptions):
   if options.sampler not in SAMPLERS:
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {options.sampler!r}")
   if options.engine not in ENGINES:
     raise ValueError(f"engine must be one of {ENGINES}, got {options.engine!r}")
+
+
+def _checked_labels(labels: Sequence[int], cfg) -> np.ndarray:
   labels = np.asarray(labels, np.int32)
-  if labels.min() < 0 or labels.max() >= model.config.num_classes:
-    raise ValueError(f"labels must lie in [0, {model.config.num_classes}), got {labels.tolist()}")
-  if options.engine != "masked":
-    samples, stats, timesteps = _run_engine(model, labels, key, options)
-  else:
-    graphdef, state = nnx.split(model)
-    run, timesteps = _compiled(graphdef, model.config.learn_sigma, options)
-    # With FSDP-sharded params over several hosts the outputs may span hosts: gather them.
-    out = jax.tree.map(lambda a: a if a.is_fully_addressable else multihost_utils.process_allgather(a, tiled=True),
-                       run(state, labels, key))
-    samples, stats = jax.device_get(out)
+  if labels.min() < 0 or labels.max() >= cfg.num_classes:
+    raise ValueError(f"labels must lie in [0, {cfg.num_classes}), got {labels.tolist()}")
+  return labels
+
+
+def _result(samples, timesteps, stats, cfg) -> SampleResult:
   return SampleResult(np.asarray(samples, np.float32), timesteps,
                       *(np.asarray(stats[k]) for k in ("head", "group", "token", "ratio", "macs")),
-                      dense_macs=dense_macs(model.config))
+                      dense_macs=dense_macs(cfg))
+
+
+def generate(model: DiT, labels: Sequence[int], key: jax.Array, options: SampleOptions = SampleOptions()
+             ) -> SampleResult:
+  """Samples one image per label (eval mode: deterministic gates) and the chain's mask statistics.
+
+  With an engine this plans and compiles per call; loops over batches use `EngineSampler`.
+  """
+  _check_options(options)
+  if options.engine != "masked":
+    return EngineSampler(model, options).generate(labels, key)
+  labels = _checked_labels(labels, model.config)
+  graphdef, state = nnx.split(model)
+  run, timesteps = _compiled(graphdef, model.config.learn_sigma, options)
+  # With FSDP-sharded params over several hosts the outputs may span hosts: gather them.
+  out = jax.tree.map(lambda a: a if a.is_fully_addressable else multihost_utils.process_allgather(a, tiled=True),
+                     run(state, labels, key))
+  samples, stats = jax.device_get(out)
+  return _result(samples, timesteps, stats, model.config)
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:

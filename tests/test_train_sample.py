@@ -88,6 +88,24 @@ def test_fast_engines_sample_what_the_masked_forward_samples():
     sample.generate(model, LABELS, key, sample.SampleOptions(engine="fast"))
 
 
+def test_engine_sampler_compiles_once_for_many_batches():
+  """Batches through one EngineSampler reuse its plan and compiled chain, and each batch equals a
+  fresh `generate` (fp32, same key)."""
+  model = randomize_routers(randomize(DiT(CFG.replace(dynamic=True, num_heads=4), rngs=nnx.Rngs(2)),
+                                      scale=0.05), weight_scale=3.0)
+  options = sample.SampleOptions(steps="10", cfg_scale=3.0, engine="buckets")
+  sampler = sample.EngineSampler(model, options)
+  for seed, labels in enumerate(([0, 1, 2, 3], [3, 3, 0, 1], [2, 0, 1, 1])):
+    key = jax.random.PRNGKey(seed)
+    got = sampler.generate(labels, key)
+    want = sample.generate(model, labels, key, options)
+    np.testing.assert_allclose(got.samples, want.samples, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.ratio, want.ratio, rtol=1e-6)
+  assert sampler.traces == 1
+  with pytest.raises(ValueError, match="masked"):
+    sample.EngineSampler(model, sample.SampleOptions())
+
+
 def test_grid_layout_and_png(tmp_path):
   images = np.stack([np.full((4, 4, 1), 10 * i, np.uint8) for i in range(5)])
   grid = sample.make_grid(images, ncols=2, pad=1)
