@@ -9,7 +9,9 @@ Parts (`--parts`, each in its own try/except so one failure never hides the othe
   chain    whole sampling chains (CFG doubles the rows) under one jit, dense and DyDiT; compile time,
            ms per model call, s per image, speedup, MACs ratio. --steps-limit K runs K steps spread
            over the schedule and extrapolates s/image to the full chain (said in the table).
-           `chain:IMPL:SAMPLER` picks the attention implementation and one sampler.
+           `chain:IMPL:SAMPLER[:RESIDUAL]` picks the attention implementation, one sampler and
+           optionally the residual dtype (e.g. `chain:cudnn:ddpm250:bfloat16` next to
+           `chain:cudnn:ddpm250`: both residual streams in one process, each with its own dense row).
   calls    --calls N single model calls (dense and DyDiT) per attention implementation, no sampler.
   cost     analytic MACs vs MACs at the compiled capacities vs XLA's cost analysis for the first
            DyDiT chain that ran, either engine (see `dydit_jax.engine.cost`; compiles every block
@@ -148,6 +150,7 @@ class Bench:
       observed = np.asarray(token_fraction_fn(model, seed=args.seed)(nnx.state(model)))
     # One compute copy (block weights cast once); every dense model and engine shares its arrays.
     self.model = compute_model(model, args.dtype, residual_dtype=args.residual_dtype)
+    self._residual_models = {args.residual_dtype: self.model}
     self.token_fractions = {}
     for s in self.diffusions:
       if args.token_caps == "chain":  # the sampler's own trajectory, in the compute dtype
@@ -168,17 +171,25 @@ class Bench:
     self.chain_runs = []
     self.dense_ms = {}
 
-  # Models for one attention implementation -----------------------------------------------------
-  def dense(self, impl):
-    return compute_model(dit_from_dydit(self.model), self.args.dtype, _impl(impl))
+  # Models for one attention implementation (and residual dtype) ---------------------------------
+  def compute(self, residual: str | None = None) -> DiT:
+    """The compute copy with `residual` as its residual stream (same weight arrays, no copy)."""
+    residual = residual or self.args.residual_dtype
+    if residual not in self._residual_models:
+      self._residual_models[residual] = compute_model(self.model, self.args.dtype, residual_dtype=residual)
+    return self._residual_models[residual]
 
-  def engine(self, sampler: str, impl, kind: str = "buckets"):
+  def dense(self, impl, residual: str | None = None):
+    return compute_model(dit_from_dydit(self.compute(residual)), self.args.dtype, _impl(impl))
+
+  def engine(self, sampler: str, impl, kind: str = "buckets", residual: str | None = None):
     opts = EngineOptions(self.args.dtype, _impl(impl), self.args.head_buckets, self.args.group_buckets,
                          self.args.token_buckets, self.token_fractions[sampler])
+    model = self.compute(residual)
     if kind == "segments":
-      return SegmentEngine(self.model, self.plans[sampler], opts, num_segments=self.args.segments,
+      return SegmentEngine(model, self.plans[sampler], opts, num_segments=self.args.segments,
                            width_multiple=self.args.width_multiple)
-    return DynamicEngine(self.model, self.plans[sampler], opts)
+    return DynamicEngine(model, self.plans[sampler], opts)
 
   def pct(self, tflops):
     return 100 * tflops / self.rate if self.rate else ""
@@ -261,13 +272,15 @@ class Bench:
       kept.append(aux)
     return x, kept
 
-  def part_chain(self, impl: str | None = None, sampler: str | None = None):
+  def part_chain(self, impl: str | None = None, sampler: str | None = None, residual: str | None = None):
     """Dense and DyDiT chains (one row per engine of --engines) for `sampler` (default: all of
-    --samplers) with attention `impl`."""
+    --samplers) with attention `impl` and residual stream `residual` (default --residual-dtype)."""
     impl = impl or self.args.attention
+    residual = residual or self.args.residual_dtype
+    suffix = "" if residual == self.args.residual_dtype else f", {residual} residual"
     noise = self._noise()
     key = jax.random.key(self.args.seed + 1)
-    dgraph, dstate = nnx.split(self.dense(impl))
+    dgraph, dstate = nnx.split(self.dense(impl, residual))
     for sampler in [sampler] if sampler else self.args.samplers:
       total = self.diffusions[sampler].num_timesteps
       dense_pieces = lambda s: [(np.arange(total), lambda x, t, y, row: (nnx.merge(dgraph, s)(x, t, y), ()))]
@@ -276,7 +289,7 @@ class Bench:
           if name == "dense":
             arrays, pieces_of, engine = dstate, dense_pieces, None
           else:
-            engine = self.engine(sampler, impl, name)
+            engine = self.engine(sampler, impl, name, residual)
             arrays, pieces_of = engine.arrays, engine.forwards
           compile_all, steps = self._chain_programs(sampler, pieces_of)
           programs, compile_s = compile_all(arrays)
@@ -290,15 +303,15 @@ class Bench:
           if not np.isfinite(np.asarray(x0)).all():  # timing stands; token decisions may not
             notes.append("WARNING non-finite samples")
           if engine is None:
-            self.dense_ms[(sampler, impl)] = ms
+            self.dense_ms[(sampler, impl, residual)] = ms
             macs, ratio, speedup = dense_call * len(steps), 1.0, 1.0
           else:
             kept = np.concatenate([np.asarray(k) for k in kept])
             macs = cost.analytic_macs(engine.plan, kept, steps)
             ratio = macs / (dense_call * len(steps))
-            dense_ms = self.dense_ms.get((sampler, impl))
+            dense_ms = self.dense_ms.get((sampler, impl, residual))
             speedup = dense_ms / ms if dense_ms else ""
-            xla_dense = self.dense_ms.get((sampler, "xla"))
+            xla_dense = self.dense_ms.get((sampler, "xla", residual))
             if impl != "xla" and xla_dense:
               notes.append(f"x{xla_dense / ms:.2f} vs XLA-attention dense")
             var = engine.variants(self.rows)
@@ -309,7 +322,7 @@ class Bench:
             if not self.chain_runs:  # the cost part costs the first DyDiT chain
               self.chain_runs.append((sampler, engine, kept, steps))
           tf = 2 * macs / seconds / 1e12
-          label = name if engine is None else f"DyDiT {engine.label}"
+          label = (name if engine is None else f"DyDiT {engine.label}") + suffix
           self.table.add(part="chain", sampler=sampler, model=label, attn=impl, rows=self.rows,
                          steps=len(steps), note="; ".join(notes), **{
                              "compile s": compile_s, "ms/call": ms,

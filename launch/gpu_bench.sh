@@ -18,12 +18,14 @@
 #                          (segment programs compile in parallel threads); each chain runs once
 #                          untimed first. With PROFILE=1 each chain is traced once more and the
 #                          device busy / idle time and top kernels are printed under its row.
-#   chain ATTN ddim50      full DDIM-50 + CFG chains, same engines
+#   chain ATTN ddpm250 bf16  the same with a bfloat16 residual stream (dense and DyDiT alike, with its
+#                          own dense baseline): what the width-independent residual passes cost
+#   chain ATTN ddim50      DDIM-50 + CFG chains, same engines (last: a timeout cuts only these rows)
 # Weights are random (speed depends on them only through the masks); routers are synthetic
 # (`dydit_jax.engine.synthetic`): more width at low noise, 85% of tokens routed on a calibration
 # batch, MACs ratio ~0.49 of dense.
 #
-# Environment: BUDGET hard limit in seconds (default 285), BATCH images (default 128), MODEL
+# Environment: BUDGET hard limit in seconds (default 300), BATCH images (default 128), MODEL
 # (default DiT-XL/2), ATTENTION cudnn | xla (default cudnn; a CPU smoke run:
 # MODEL=DiT-S/8 BATCH=1 STEPS=2 SEGMENTS=2 ATTENTION=xla),
 # STEPS chain steps actually run (default 25), ENGINES (default buckets; buckets,segments also times
@@ -31,9 +33,8 @@
 # (default 8), PROFILE (default 1; 0 = no traces), EXACTNESS (default 0; 1 = run tests/test_engine.py
 # on the device first, in fp32 with highest matmul precision, under EXACTNESS_BUDGET s), OUT output folder (default workdir_bench: ignored by
 # git; holds bench.json and bench.log), EXTRA more bench flags, e.g. EXTRA="--head-buckets 4
-# --group-buckets 4 --token-buckets 6" (fewer compiled branches), "--token-keep 1.0" (width only) or
-# "--residual-dtype bfloat16" (bf16 residual stream, dense and DyDiT alike: run once with and once
-# without to see what it does to the ratio).
+# --group-buckets 4 --token-buckets 6" (fewer compiled branches) or "--token-keep 1.0" (width only), RESIDUAL_AB
+# (default 1; 0 = no bf16-residual rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,15 +50,17 @@ fi
 ATTN="${ATTENTION:-cudnn}"
 PROFILE_FLAG=""
 if [ "${PROFILE:-1}" != 0 ]; then PROFILE_FLAG="--profile $OUT/prof"; fi
-timeout -k 15 "${BUDGET:-285}" python -u -m dydit_jax.bench \
+AB_PART=""
+if [ "${RESIDUAL_AB:-1}" != 0 ]; then AB_PART="chain:$ATTN:ddpm250:bfloat16,"; fi
+timeout -k 15 "${BUDGET:-300}" python -u -m dydit_jax.bench \
   --model "${MODEL:-DiT-XL/2}" --image-size 256 --dtype bfloat16 --batch "${BATCH:-128}" --cfg-scale 1.5 \
   --routers synthetic:0.49 --samplers ddpm250,ddim50 --steps-limit "${STEPS:-25}" \
   --engines "${ENGINES:-buckets}" --segments "${SEGMENTS:-8}" \
   --forward-batch 256 --iters 5 \
-  --parts "matmul,forward:$ATTN,chain:$ATTN:ddpm250,chain:$ATTN:ddim50" \
+  --parts "matmul,forward:$ATTN,chain:$ATTN:ddpm250,${AB_PART}chain:$ATTN:ddim50" \
   --json "$OUT/bench.json" --verbose $PROFILE_FLAG ${EXTRA:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-  echo "TIMEOUT after ${BUDGET:-285}s: the rows printed above are the parts that finished"
+  echo "TIMEOUT after ${BUDGET:-300}s: the rows printed above are the parts that finished"
 fi
 exit "$rc"

@@ -24,18 +24,21 @@ def test_profile_summary_reads_a_trace(tmp_path):
 
 def test_bench_rows_for_dense_and_both_engines(tmp_path, capsys):
   rows = bench.main(["--model", "DiT-S/8", "--batch", "1", "--samplers", "ddim50", "--steps-limit", "2",
-                     "--parts", "chain,calls", "--calls", "2", "--engines", "buckets,segments", "--segments", "2",
+                     "--parts", "chain,calls,chain:xla:ddim50:bfloat16", "--calls", "2",
+                     "--engines", "buckets,segments", "--segments", "2",
                      "--routers", "synthetic:0.5", "--profile", str(tmp_path / "prof"),
                      "--json", str(tmp_path / "bench.json")])
   models = ["dense", "DyDiT buckets", "DyDiT segments x2"]
-  assert [(r["part"], r["model"]) for r in rows] == [("chain", m) for m in models] + [("calls", m) for m in models]
+  assert [(r["part"], r["model"]) for r in rows] == ([("chain", m) for m in models] + [("calls", m) for m in models]
+                                                     + [("chain", f"{m}, bfloat16 residual") for m in models])
   for r in rows:
     assert "ERROR" not in r.get("note", "") and r["ms/call"] > 0
-  for r in rows[1:3] + rows[4:]:
+  for r in rows[1:3] + rows[4:6] + rows[7:]:
     assert 0.3 < r["MACs ratio"] < 0.7 and r["speedup"] > 0
-  assert all("the analytic MACs" in r["note"] for r in rows[1:3])
+  assert all("the analytic MACs" in r["note"] for r in rows[1:3] + rows[7:])
+  assert rows[6]["speedup"] == 1.0                       # the bf16 rows compare with their own dense row
   out = capsys.readouterr().out
-  assert out.count("profile ddim50_xla_") == 3
+  assert out.count("profile ddim50_xla_") == 6
   assert (tmp_path / "bench.json").stat().st_size > 100
 
 
