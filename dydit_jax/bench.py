@@ -14,8 +14,10 @@ Parts (`--parts`, each in its own try/except so one failure never hides the othe
            `chain:cudnn:ddpm250`: both residual streams in one process, each with its own dense row).
   calls    --calls N single model calls (dense and DyDiT) per attention implementation, no sampler.
   cost     analytic MACs vs MACs at the compiled capacities vs XLA's cost analysis for the first
-           DyDiT chain that ran, either engine (see `dydit_jax.engine.cost`; compiles every block
-           piece: slow on big models).
+           DyDiT chain that ran, either engine, and XLA's bytes accessed per call, dense vs DyDiT (see
+           `dydit_jax.engine.cost`; compiles every block piece: slow on big models). --cost-batch
+           costs the pieces at another batch, with the chain's per-image token counts tiled (e.g.
+           the batch a GPU runs, costed after a short CPU chain: compile only, nothing runs).
 
 Weights: --ckpt DIR (a converted checkpoint, `dydit_jax.checkpoints.load_model`), else random (the
 zero-initialized adaLN / final layers too, so activations and token decisions are non-trivial).
@@ -382,16 +384,23 @@ class Bench:
     if not self.chain_runs:
       raise RuntimeError("the cost part needs a DyDiT chain (part 'chain') that ran")
     sampler, engine, kept, steps = self.chain_runs[0]
+    rows = self.rows
+    if self.args.cost_batch:  # the chain's per-row token counts, tiled to the costed rows
+      rows = self.rows // self.args.batch * self.args.cost_batch
+      kept = np.resize(np.moveaxis(kept, -1, 0), (rows,) + kept.shape[:-1])
+      kept = np.moveaxis(kept, 0, -1)
     start = time.perf_counter()
-    branch = cost.engine_branch_costs(engine, self.rows)
-    dense = cost.dense_call_flops(self.dense(None), self.rows)
+    branch = cost.engine_branch_costs(engine, rows)
+    dense = cost.dense_call_cost(self.dense(None), rows)
     r = cost.run_macs(engine, branch, dense, kept, steps)
     seconds = time.perf_counter() - start
     note = (f"analytic {r.analytic:.4g}, at capacities {r.padded:.4g} (x{r.padded / r.analytic:.3f}), "
             f"XLA {r.xla:.4g} MACs (XLA/capacities {r.xla / r.padded:.3f}); dense analytic "
             f"{r.dense_analytic:.4g}, XLA {r.dense_xla:.4g} (x{r.dense_xla / r.dense_analytic:.3f}); "
-            f"XLA MACs ratio {r.xla / r.dense_xla:.3f}")
-    self.table.add(part="cost", sampler=sampler, model="dydit", rows=self.rows, steps=len(steps),
+            f"XLA MACs ratio {r.xla / r.dense_xla:.3f}; XLA bytes accessed per call: dense "
+            f"{r.dense_xla_bytes / len(steps):.4g}, DyDiT {r.xla_bytes / len(steps):.4g} "
+            f"(ratio {r.xla_bytes / r.dense_xla_bytes:.3f})")
+    self.table.add(part="cost", sampler=sampler, model="dydit", rows=rows, steps=len(steps),
                    note=note, **{"compile s": seconds, "MACs ratio": r.analytic / r.dense_analytic})
     return r
 
@@ -440,6 +449,8 @@ def parse(argv: Sequence[str] | None = None):
                  help="token capacities fitted to the routed fractions of a short real chain of each "
                  "sampler (4 images), to a calibration batch of Gaussian latents, or uniform j/T")
   p.add_argument("--matmul-size", type=int, default=None, help="default 8192 on GPU, 1024 on CPU")
+  p.add_argument("--cost-batch", type=int, default=None, help="cost part: images to cost the pieces at "
+                 "(default --batch; token counts of the chain's images tiled)")
   p.add_argument("--parts", default="matmul,forward,chain")
   p.add_argument("--json", default=None, help="also write the rows (and run info) to this file")
   p.add_argument("--verbose", action="store_true", help="print tracebacks of failed parts")

@@ -42,6 +42,16 @@ def test_bench_rows_for_dense_and_both_engines(tmp_path, capsys):
   assert (tmp_path / "bench.json").stat().st_size > 100
 
 
+def test_bench_cost_part_at_another_batch():
+  rows = bench.main(["--model", "DiT-S/8", "--batch", "1", "--samplers", "ddim50", "--steps-limit", "2",
+                     "--parts", "chain,cost", "--engines", "buckets", "--routers", "synthetic:0.5",
+                     "--cost-batch", "3"])
+  cost_row = rows[-1]
+  assert cost_row["part"] == "cost" and cost_row["rows"] == 6 and "ERROR" not in cost_row["note"]
+  bytes_ratio = float(cost_row["note"].split("(ratio ")[-1].rstrip(")"))
+  assert 0.3 < cost_row["MACs ratio"] < bytes_ratio < 1.0
+
+
 def test_train_step_benchmark_runs_the_trainer_step():
   from dydit_jax.train import benchmark
   r = benchmark.run("DiT-S/8", batch=2, dtype="float32", steps=1, complete=True, remat=False, attention=None,

@@ -1,6 +1,6 @@
 """Honest compute accounting for a sampling run: analytic MACs from the masks vs XLA's own count.
 
-Three numbers per run (all for the executed model calls, CFG rows included):
+Three MAC counts per run (all for the executed model calls, CFG rows included):
 - `analytic`: exact MACs of what the masks ask for (`WidthPlan.macs` = `models.flops` accounting).
 - `padded`: the same formula at the capacities the engine actually computes (head / group counts
   rounded up to their bucket or segment union, routed tokens up to the call's token capacity), plus the
@@ -17,10 +17,17 @@ engine: buckets or segments) and the token capacity implied by each call's route
 block x depth + embed/final). Pieces are costed with XLA attention, because a cuDNN custom call
 reports 0 FLOPs. `xla` ~ 2 x `padded` (plus elementwise work: softmax, GELU, norms) validates the
 accounting; `padded / analytic` is the padding overhead of the capacities.
+
+The same pieces also give XLA's "bytes accessed" (what every top-level op of the compiled program
+reads and writes, after fusion), summed the same way for the engine and the dense model. Its ratio is
+the memory-traffic counterpart of the MACs ratio: the elementwise passes that do not shrink with the
+widths show up there, not in the MACs. Compiled on the backend that runs, so on a GPU it reflects the
+GPU's fusion decisions.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +42,26 @@ from dydit_jax.models import flops
 from dydit_jax.models.dit import DiT
 
 
-def compiled_flops(fn, *args) -> float:
-  """XLA's FLOP count for fn compiled on abstract `args` (nothing runs)."""
+class XlaCost(NamedTuple):
+  flops: float
+  bytes: float       # "bytes accessed"
+
+  def __add__(self, other):
+    return XlaCost(self.flops + other.flops, self.bytes + other.bytes)
+
+  def __sub__(self, other):
+    return XlaCost(self.flops - other.flops, self.bytes - other.bytes)
+
+  def __mul__(self, k):
+    return XlaCost(self.flops * k, self.bytes * k)
+
+
+def compiled_cost(fn, *args) -> XlaCost:
+  """XLA's FLOP and bytes-accessed counts for fn compiled on abstract `args` (nothing runs)."""
   cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returns one dict per device program
     cost = cost[0]
-  return float(cost.get("flops", 0.0))
+  return XlaCost(float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
 
 
 def _abstract(tree, drop: int = 0):
@@ -62,12 +83,12 @@ def _inputs(cfg, batch: int):
 
 @dataclasses.dataclass
 class BranchCosts:
-  """XLA FLOPs of one model call's pieces at a fixed batch, keyed by the capacities they compute."""
+  """XLA costs of one model call's pieces at a fixed batch, keyed by the capacities they compute."""
 
-  embed_final: float
-  fixed: float                           # per block: adaLN, norms, token router, compaction, attention residual
-  attention: dict[int, float]            # per head capacity
-  mlp: dict                              # per `mlp_keys` entry: "none", "bias" or (groups, tokens)
+  embed_final: XlaCost
+  fixed: XlaCost                         # per block: adaLN, norms, token router, compaction, attention residual
+  attention: dict[int, XlaCost]          # per head capacity
+  mlp: dict                              # per `mlp_keys` entry ("none", "bias" or (groups, tokens)): XlaCost
 
 
 def _layer_tables(cfg):
@@ -99,10 +120,10 @@ def engine_branch_costs(engine: EngineBase, batch: int) -> BranchCosts:
 
   def attention_cost(cap):
     one = dataclasses.replace(spec, head_caps=(cap,))
-    return compiled_flops(lambda s, tb, x: attention_branches(block(s), one, tb["head"])[0](x), layer_state, tab, h)
+    return compiled_cost(lambda s, tb, x: attention_branches(block(s), one, tb["head"])[0](x), layer_state, tab, h)
 
   def mlp_costs(spec):
-    return {key: compiled_flops(lambda s, tb, *a, i=i: mlp_branches(block(s), spec, tb["group"], rows)[i](*a),
+    return {key: compiled_cost(lambda s, tb, *a, i=i: mlp_branches(block(s), spec, tb["group"], rows)[i](*a),
                                 layer_state, tab, *mlp_inputs) for i, key in enumerate(mlp_keys(spec, rows)[0])}
 
   attention = {cap: attention_cost(cap) for cap in spec.head_caps}
@@ -110,25 +131,25 @@ def engine_branch_costs(engine: EngineBase, batch: int) -> BranchCosts:
   # The always-run rest: a block with no head and no group open, whose MLP switch XLA counts as its
   # costliest branch ("bias": the residual update, which every MLP branch also counts) -- taken out.
   bare = dataclasses.replace(spec, head_caps=(0,), group_caps=(0,))
-  fixed = compiled_flops(lambda s, tb, x, c: dynamic_block(block(s), bare, tb, x, c), layer_state, tab,
+  fixed = compiled_cost(lambda s, tb, x, c: dynamic_block(block(s), bare, tb, x, c), layer_state, tab,
                          residual, vec) - mlp_costs(bare)["bias"]
-  embed_final = compiled_flops(lambda s, *a: _embed_final(engine.graphdef, s, *a), _abstract(state),
+  embed_final = compiled_cost(lambda s, *a: _embed_final(engine.graphdef, s, *a), _abstract(state),
                                *_inputs(cfg, batch))
   return BranchCosts(embed_final, fixed, attention, mlp)
 
 
-def dense_call_flops(model: DiT, batch: int) -> float:
-  """XLA FLOPs of one dense forward at `batch` rows: embed/final + depth x one block."""
+def dense_call_cost(model: DiT, batch: int) -> XlaCost:
+  """XLA cost of one dense forward at `batch` rows: embed/final + depth x one block."""
   cfg = model.config
   graphdef, state = nnx.split(model)
   block_def, block_state = nnx.split(model.blocks)
   d = cfg.hidden_size
   vec = jax.ShapeDtypeStruct((batch, d), jnp.float32)
-  blk = compiled_flops(lambda s, x, c, te: nnx.merge(block_def, s)(x, c, te, complete=True)[0],
+  blk = compiled_cost(lambda s, x, c, te: nnx.merge(block_def, s)(x, c, te, complete=True)[0],
                        _abstract(block_state, drop=1),
                        jax.ShapeDtypeStruct((batch, cfg.num_tokens, d), jnp.float32), vec, vec)
-  outer = compiled_flops(lambda s, *a: _embed_final(graphdef, s, *a), _abstract(state), *_inputs(cfg, batch))
-  return outer + cfg.depth * blk
+  outer = compiled_cost(lambda s, *a: _embed_final(graphdef, s, *a), _abstract(state), *_inputs(cfg, batch))
+  return outer + blk * cfg.depth
 
 
 def analytic_macs(plan: WidthPlan, kept: np.ndarray, rows: np.ndarray) -> float:
@@ -164,34 +185,38 @@ def _token_caps(engine: EngineBase, kept: np.ndarray) -> np.ndarray:
   return padded_counts(kept.sum(-1), tcaps).astype(np.int64)
 
 
-def xla_macs(engine: EngineBase, costs: BranchCosts, kept: np.ndarray, rows: np.ndarray) -> float:
-  """XLA's FLOPs of the pieces that ran (see the module docstring), / 2."""
+def xla_cost(engine: EngineBase, costs: BranchCosts, kept: np.ndarray, rows: np.ndarray) -> XlaCost:
+  """XLA's cost of the pieces that ran (see the module docstring), summed over the calls."""
   kept, rows = np.asarray(kept), np.asarray(rows)
   heads, groups = engine.width_capacities(rows)
   tokens = _token_caps(engine, kept)
-  total = len(rows) * (costs.embed_final + engine.config.depth * costs.fixed)
+  total = (costs.embed_final + costs.fixed * engine.config.depth) * len(rows)
   for h, g, t in zip(heads.ravel(), groups.ravel(), tokens.ravel()):
-    total += costs.attention[int(h)] + costs.mlp[mlp_key(g, t)]
-  return float(total) / 2
+    total = total + costs.attention[int(h)] + costs.mlp[mlp_key(g, t)]
+  return total
 
 
 @dataclasses.dataclass
 class RunMacs:
-  """Totals over the executed calls of one run (MACs; `xla` is XLA FLOPs / 2)."""
+  """Totals over the executed calls of one run (MACs; `xla` is XLA FLOPs / 2; `*_bytes` XLA's bytes
+  accessed)."""
 
   analytic: float
   padded: float
   xla: float
   dense_analytic: float
   dense_xla: float
+  xla_bytes: float
+  dense_xla_bytes: float
 
 
-def run_macs(engine: EngineBase, costs: BranchCosts, dense_flops: float, kept: np.ndarray,
+def run_macs(engine: EngineBase, costs: BranchCosts, dense: XlaCost, kept: np.ndarray,
              rows: np.ndarray) -> RunMacs:
-  """All of the above for a run: kept (S_run, L, B) routed tokens; rows = the plan rows that ran."""
+  """All of the above for a run: kept (S_run, L, B) routed tokens; rows = the plan rows that ran;
+  dense = `dense_call_cost` at the same batch."""
   kept, rows = np.asarray(kept), np.asarray(rows)
   calls, batch = len(rows), kept.shape[-1]
+  xla = xla_cost(engine, costs, kept, rows)
   return RunMacs(analytic=analytic_macs(engine.plan, kept, rows), padded=padded_macs(engine, kept, rows),
-                 xla=xla_macs(engine, costs, kept, rows),
-                 dense_analytic=float(calls * batch * flops.dense_macs(engine.config)),
-                 dense_xla=calls * dense_flops / 2)
+                 xla=xla.flops / 2, dense_analytic=float(calls * batch * flops.dense_macs(engine.config)),
+                 dense_xla=calls * dense.flops / 2, xla_bytes=xla.bytes, dense_xla_bytes=calls * dense.bytes)
