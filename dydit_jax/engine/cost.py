@@ -21,8 +21,9 @@ accounting; `padded / analytic` is the padding overhead of the capacities.
 The same pieces also give XLA's "bytes accessed" (what every top-level op of the compiled program
 reads and writes, after fusion), summed the same way for the engine and the dense model. Its ratio is
 the memory-traffic counterpart of the MACs ratio: the elementwise passes that do not shrink with the
-widths show up there, not in the MACs. Compiled on the backend that runs, so on a GPU it reflects the
-GPU's fusion decisions.
+widths show up there, not in the MACs. Compiled on the backend that runs (on a GPU: the GPU's fusion
+decisions), but with XLA attention, whose materialized score matrices a fused (cuDNN) kernel never
+writes: at 256 tokens they are a large share of the bytes, for dense and DyDiT alike.
 """
 from __future__ import annotations
 
@@ -147,7 +148,8 @@ def dense_call_cost(model: DiT, batch: int) -> XlaCost:
   vec = jax.ShapeDtypeStruct((batch, d), jnp.float32)
   blk = compiled_cost(lambda s, x, c, te: nnx.merge(block_def, s)(x, c, te, complete=True)[0],
                        _abstract(block_state, drop=1),
-                       jax.ShapeDtypeStruct((batch, cfg.num_tokens, d), jnp.float32), vec, vec)
+                       jax.ShapeDtypeStruct((batch, cfg.num_tokens, d), jnp.dtype(cfg.residual_dtype)),
+                       vec, vec)
   outer = compiled_cost(lambda s, *a: _embed_final(graphdef, s, *a), _abstract(state), *_inputs(cfg, batch))
   return outer + blk * cfg.depth
 
@@ -206,7 +208,7 @@ class RunMacs:
   xla: float
   dense_analytic: float
   dense_xla: float
-  xla_bytes: float
+  xla_bytes: float             # XLA attention (see the module docstring)
   dense_xla_bytes: float
 
 
