@@ -125,10 +125,9 @@ def mlp_keys(spec: BlockSpec, rows: int):
 
 
 def _add_mlp_branch(x, keep, gate, y):
-  """The residual after the MLP: x + gate * y on routed tokens; skipped tokens keep x (float32 add,
-  rounded once to the residual dtype). x (B,N,D), keep (B,N) bool, gate (B,D), y (B,N,D) or (D,)."""
-  branch = gate[:, None] * y.astype(jnp.float32)
-  return (x + jnp.where(keep[..., None], branch, 0.0)).astype(x.dtype)
+  """The residual after the MLP: x + gate * y on routed tokens; skipped tokens keep x.
+  x (B,N,D), keep (B,N) bool, gate (B,D), y (B,N,D) or (D,)."""
+  return layers.residual_add(x, jnp.where(keep[..., None], gate[:, None] * y.astype(jnp.float32), 0.0))
 
 
 def mlp_branches(block, spec: BlockSpec, tables, rows: int) -> list[Callable]:
@@ -184,7 +183,7 @@ def dynamic_block(block, spec: BlockSpec, tables, x: jax.Array, c: jax.Array):
 
   h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa).astype(dt)
   attn = jax.lax.switch(tables["head"]["bucket"], attention_branches(block, spec, tables["head"]), h)
-  x = (x + gate_msa[:, None] * attn.astype(jnp.float32)).astype(x.dtype)
+  x = layers.residual_add(x, gate_msa[:, None] * attn.astype(jnp.float32))
 
   keep = block.token_selection(x, train=False, key=None, tau=1.0) > 0.5      # (B, N), float32 router
   src, dest, count = compact(keep)

@@ -145,7 +145,7 @@ class DiTBlock(nnx.Module):
 
     head_mask = self.attn_rate(t_emb, train=train, key=keys[0], tau=self.tau) if routed else None
     h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
-    x = (x + gate_msa[:, None] * self.attn(h, head_mask).astype(jnp.float32)).astype(x.dtype)
+    x = layers.residual_add(x, gate_msa[:, None] * self.attn(h, head_mask).astype(jnp.float32))
 
     token_mask = self.token_selection(x, train=train, key=keys[1], tau=self.tau) if routed else None
     group_mask = self.mlp_rate(t_emb, train=train, key=keys[2], tau=self.tau) if routed else None
@@ -153,7 +153,7 @@ class DiTBlock(nnx.Module):
     branch = gate_mlp[:, None] * self.mlp(h, group_mask).astype(jnp.float32)
     if token_mask is not None:
       branch = branch * token_mask[..., None]
-    x = (x + branch).astype(x.dtype)
+    x = layers.residual_add(x, branch)
 
     ones_h = jnp.ones((b, self.attn.num_heads), jnp.float32)
     masks = (ones_h if head_mask is None else head_mask,

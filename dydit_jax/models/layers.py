@@ -68,6 +68,13 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def residual_add(x: jax.Array, update: jax.Array) -> jax.Array:
+  """x + update (update in float32), computed in float32 and rounded once to the residual stream's
+  dtype (`ModelConfig.residual_dtype`): the one rule for every residual add, dense and engine alike,
+  so that a bfloat16 stream rounds at the same points in both."""
+  return (x + update).astype(x.dtype)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=True)
 
