@@ -391,7 +391,7 @@ class Bench:
       kept = np.moveaxis(kept, 0, -1)
     start = time.perf_counter()
     branch = cost.engine_branch_costs(engine, rows)
-    dense = cost.dense_call_cost(self.dense(None), rows)
+    dense = cost.dense_call_cost(self.dense(None, engine.config.residual_dtype), rows)
     r = cost.run_macs(engine, branch, dense, kept, steps)
     seconds = time.perf_counter() - start
     note = (f"analytic {r.analytic:.4g}, at capacities {r.padded:.4g} (x{r.padded / r.analytic:.3f}), "
