@@ -1,4 +1,5 @@
 """dydit_jax.sample: the chain equals the diffusion samplers, FLOPs statistics, grids, the CLI."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -89,8 +90,8 @@ def test_fast_engines_sample_what_the_masked_forward_samples():
 
 
 def test_engine_sampler_compiles_once_for_many_batches():
-  """Batches through one EngineSampler reuse its plan and compiled chain, and each batch equals a
-  fresh `generate` (fp32, same key)."""
+  """Batches through one EngineSampler reuse its plan and compiled chain, and each batch samples
+  what the masked forward samples for those labels and key (fp32, relative L2 <= 1e-4)."""
   model = randomize_routers(randomize(DiT(CFG.replace(dynamic=True, num_heads=4), rngs=nnx.Rngs(2)),
                                       scale=0.05), weight_scale=3.0)
   options = sample.SampleOptions(steps="10", cfg_scale=3.0, engine="buckets")
@@ -98,9 +99,9 @@ def test_engine_sampler_compiles_once_for_many_batches():
   for seed, labels in enumerate(([0, 1, 2, 3], [3, 3, 0, 1], [2, 0, 1, 1])):
     key = jax.random.PRNGKey(seed)
     got = sampler.generate(labels, key)
-    want = sample.generate(model, labels, key, options)
-    np.testing.assert_allclose(got.samples, want.samples, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got.ratio, want.ratio, rtol=1e-6)
+    want = sample.generate(model, labels, key, dataclasses.replace(options, engine="masked"))
+    assert np.linalg.norm(got.samples - want.samples) <= 1e-4 * np.linalg.norm(want.samples)
+    np.testing.assert_allclose(got.ratio, want.ratio, rtol=1e-5)
   assert sampler.traces == 1
   with pytest.raises(ValueError, match="masked"):
     sample.EngineSampler(model, sample.SampleOptions())
