@@ -13,7 +13,7 @@ Arguments: lam (0.7, 0.6, 0.5, 0.3 in the paper), res (256 | 512), bf16 (compute
 float32 params), fsdp (fsdp mesh axis size; params, EMA and Adam moments sharded over it),
 scratch (train a plain DiT-XL/2 from scratch with DiT's recipe instead).
 
-Recipe (shared/reference/dydit.md §4; released DyDiT/train0.5.sh and train0.7.sh; paper Table 6):
+Recipe (DyDiT paper §4 and Table 6; the released DyDiT/train0.5.sh and train0.7.sh scripts):
   AdamW, constant lr 1e-4 (lam >= 0.7: 2.5e-5 as the released script), betas (0.9, 0.999), no weight
   decay; global batch 256; EMA 0.9999 every step, routers included; 200k fine-tune steps; the
   complete-model (routers bypassed) loss during the first 30k steps (the warm-up); lambda held at 1 for
@@ -28,10 +28,4 @@ from dydit_jax.train.config import imagenet_finetune
 
 
 def get_config(arg=None):
-  c = imagenet_finetune("DiT-XL/2", arg, steps=200_000, complete_steps=30_000)
-  if c.dydit.lam >= 0.7 and c.model.dynamic:
-    # The released lambda=0.7 script (DyDiT/train0.7.sh): lower lr, longer ramp, tighter skip.
-    c.optimizer.lr = 2.5e-5
-    c.dydit.lambda_warmup_steps = 5000
-    c.grad_clip_norm = 50.0
-  return c
+  return imagenet_finetune(arg, sizes=("XL",))

@@ -1,6 +1,6 @@
-"""Model directories: the one on-disk form of a DiT / DyDiT that every tool loads.
+"""Every on-disk layout of the project, read side: model directories and training workdirs.
 
-A model directory holds
+A model directory (the one on-disk form of a DiT / DyDiT that every tool loads) holds
 
   config.json   `ModelConfig.to_json()`: the geometry, so the directory describes itself
   params/       an orbax (StandardCheckpointer) tree: the full NNX state as a pure dict,
@@ -8,7 +8,13 @@ A model directory holds
 
 `convert.py` writes one from a PyTorch checkpoint, `save_model` from a live model, and
 `load_model` is the single loader (sampler, bench, evaluator, notebook, trainer init); it also reads
-the params / EMA of a training workdir, whose items use the same tree. Loading
+the params / EMA of a training workdir, whose items use the same tree:
+
+  WORKDIR/checkpoints/<step>/   params/ ema/ (model-directory trees), opt_state/, train/, data/,
+                                config/ (the run config), model_config/ (the ModelConfig)
+
+The trainer's `train.checkpointing.Checkpointer` writes and restores whole steps; what any tool needs
+to read a workdir (`resolve_workdir`, `saved_model_config`, `check_compatible`) lives here. Loading
 restores straight into `nnx.eval_shape` abstract targets, so an XL model is materialized once,
 directly with the requested shardings. Directories are written under a temporary name next to the
 destination and renamed at the end: a crash never leaves a half-written model behind.
@@ -28,17 +34,19 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from dydit_jax.errors import UserError
 from dydit_jax.models import DiT, ModelConfig
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+CHECKPOINT_DIR = "checkpoints"     # of a training workdir
 
 # Either one sharding for every array (e.g. NamedSharding(mesh, P()) to replicate), or a rule
 # (state path, abstract array) -> sharding, so the trainer's sharding rules plug in unchanged.
 ShardingSpec = Union[jax.sharding.Sharding, Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding]]
 
 
-class DestinationExistsError(ValueError):
+class DestinationExistsError(UserError):
   """The output directory already holds something and overwriting was not asked for."""
 
 
@@ -83,12 +91,10 @@ def save_model(model: DiT, dst: os.PathLike | str, *, overwrite: bool = False) -
 def _resolve(path: epath.Path, step: int | None, use_ema: bool) -> tuple[epath.Path, ModelConfig]:
   """(params tree directory, config) of a model directory or a training workdir.
 
-  A workdir (WORKDIR/checkpoints/<step>/, see `dydit_jax.train.checkpointing`) stores its params
-  and EMA items in the model-directory tree layout, so only the lookup differs.
+  A workdir stores its params and EMA items in the model-directory tree layout, so only the lookup
+  differs.
   """
-  if (path / "checkpoints").is_dir():   # dydit_jax.train.checkpointing.CHECKPOINT_DIR
-    # Imported here: the trainer's module pulls in ml_collections / absl, which model-only tools skip.
-    from dydit_jax.train.checkpointing import resolve_workdir  # pylint: disable=import-outside-toplevel
+  if (path / CHECKPOINT_DIR).is_dir():
     return resolve_workdir(str(path), step=step, use_ema=use_ema)
   config_file, params_dir = path / CONFIG_FILE, path / PARAMS_DIR
   if not (config_file.is_file() and params_dir.is_dir()):
@@ -132,3 +138,41 @@ def load_model(path: os.PathLike | str, *, dtype: Any = None, attention_impl: st
   nnx.replace_by_pure_dict(abstract_state, restored)
   return nnx.merge(graphdef, abstract_state)
 
+
+# Training workdirs (read side) -------------------------------------------------------------------
+class IncompatibleCheckpointError(UserError):
+  """A checkpoint holds a different model than the config asks for."""
+
+
+def check_compatible(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
+  """Raise IncompatibleCheckpointError naming every differing geometry field (`ModelConfig.geometry`:
+  numerics and implementation choices may change between a checkpoint and the run resuming it)."""
+  a, b = saved.geometry().to_dict(), wanted.geometry().to_dict()
+  diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+  if diff:
+    lines = ", ".join(f"{k}: checkpoint {s!r} vs config {w!r}" for k, (s, w) in sorted(diff.items()))
+    raise IncompatibleCheckpointError(f"{where} holds a different model than the config asks for ({lines})")
+
+
+def saved_model_config(manager: ocp.CheckpointManager, step: int) -> ModelConfig:
+  """The ModelConfig item of one workdir step, read alone (no array is touched)."""
+  args = ocp.args.Composite(model_config=ocp.args.JsonRestore())
+  return ModelConfig.from_dict(manager.restore(step, args=args).model_config)
+
+
+def resolve_workdir(workdir: str, *, step: int | None = None, use_ema: bool = True
+                    ) -> tuple[epath.Path, ModelConfig]:
+  """(params item directory, ModelConfig) of a workdir's checkpoint (default: the newest).
+
+  The item directory is an orbax StandardCheckpointer tree in the model-directory layout, so
+  `load_model` restores it like a converted model's params/.
+  """
+  directory = epath.Path(workdir) / CHECKPOINT_DIR
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{workdir} is not a training workdir (no {CHECKPOINT_DIR}/ inside)")
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"{directory} has no checkpoint" + ("" if step is None else f" at step {step}"))
+    config = saved_model_config(manager, step)
+  return directory / str(step) / ("ema" if use_ema else "params"), config

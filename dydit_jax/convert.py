@@ -2,7 +2,7 @@
 
   python -m dydit_jax.convert --src DiT-XL-2-256x256.pt --dst ckpt/dit_xl2_256 --model DiT-XL/2
   python -m dydit_jax.convert --src new_dydit0.5.pt --dst ckpt/dydit05 --model DiT-XL/2
-  python -m dydit_jax.convert --src run/0050000.pt --dst ckpt/tiny --num-heads 6   # custom geometry
+  python -m dydit_jax.convert --src run/0050000.pt --dst ckpt/tiny --num_heads 6   # custom geometry
 
 Accepted inputs: a raw state dict (.pt / .pth, official DiT releases), a training dict
 {model, ema, opt, args} (the EMA weights are taken, as the official samplers do), a DyFLUX-style
@@ -14,7 +14,7 @@ The mapping is an explicit key table, checked both ways: every source tensor mus
 model variable filled with the right shape, otherwise the tool stops with one message listing the
 missing, unexpected and mismatched keys, and writes nothing. Depth, width, patch size, channels,
 learned sigma, class count and token grid come from the tensor shapes; the head count (the one
-thing shapes cannot tell) comes from --model (checked against the shapes) or --num-heads.
+thing shapes cannot tell) comes from --model (checked against the shapes) or --num_heads.
 """
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
 from flax import nnx, traverse_util
 from safetensors import safe_open
 
-from dydit_jax import checkpoints
+from dydit_jax import checkpoints, cli
+from dydit_jax.errors import UserError
 from dydit_jax.models import DiT
 from dydit_jax.models.config import MODEL_NAMES, ModelConfig, model_config
 from dydit_jax.models.layers import sincos_pos_embed_2d
@@ -77,7 +79,7 @@ _WRAPPERS = ("ema", "model", "module")   # in order of preference
 _LIST_LIMIT = 12
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
   """A problem with the input or the arguments, reported as one message without a traceback."""
 
 
@@ -180,7 +182,7 @@ def infer_config(shapes: dict[str, tuple], *, model: str | None = None, image_si
 
   if image_size is not None and image_size // 8 != geometry["input_size"]:
     raise ConversionError(f"pos_embed holds {tokens} tokens ({grid}x{grid} patches of {patch}, latent "
-                          f"{grid * patch}, i.e. {grid * patch * 8} px), not --image-size {image_size}")
+                          f"{grid * patch}, i.e. {grid * patch * 8} px), not --image_size {image_size}")
   num_heads = _head_count(model, num_heads, depth=depth, hidden=hidden, patch=patch)
   if any(_ROUTER_KEY.match(k) for k in shapes):
     geometry.update(dynamic=True, router_format=_router_format(shapes, num_heads))
@@ -194,7 +196,7 @@ def infer_config(shapes: dict[str, tuple], *, model: str | None = None, image_si
 
 
 def _head_count(model: str | None, num_heads: int | None, *, depth: int, hidden: int, patch: int) -> int:
-  """Heads from --model (after checking its geometry against the shapes) or from --num-heads."""
+  """Heads from --model (after checking its geometry against the shapes) or from --num_heads."""
   if model is not None:
     try:
       reference = model_config(model)
@@ -204,13 +206,13 @@ def _head_count(model: str | None, num_heads: int | None, *, depth: int, hidden:
     if official != (depth, hidden, patch):
       raise ConversionError(f"--model {model} has depth {official[0]}, hidden {official[1]}, patch {official[2]}, "
                             f"but the checkpoint has depth {depth}, hidden {hidden}, patch {patch} (pass the "
-                            "matching --model, or --num-heads N for a geometry outside the registry)")
+                            "matching --model, or --num_heads N for a geometry outside the registry)")
     if num_heads is not None and num_heads != reference.num_heads:
-      raise ConversionError(f"--num-heads {num_heads} contradicts --model {model} ({reference.num_heads} heads)")
+      raise ConversionError(f"--num_heads {num_heads} contradicts --model {model} ({reference.num_heads} heads)")
     return reference.num_heads
   if num_heads is None:
     raise ConversionError(f"the head count is not in the tensor shapes: pass --model ({', '.join(MODEL_NAMES)}) "
-                          "or --num-heads N")
+                          "or --num_heads N")
   return num_heads
 
 
@@ -323,8 +325,8 @@ def convert(src: Path, dst: Path, *, model: str | None = None, image_size: int |
   state_dict = read_state_dict(src, notes)
   if export_dit:
     routers = {k for k in state_dict if _ROUTER_KEY.match(k)}
-    notes.append(f"note: --export-dit dropped {len(routers)} router tensors" if routers
-                 else "note: --export-dit on a plain DiT changes nothing")
+    notes.append(f"note: --export_dit dropped {len(routers)} router tensors" if routers
+                 else "note: --export_dit on a plain DiT changes nothing")
     state_dict = {k: v for k, v in state_dict.items() if k not in routers}
   shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
   cfg = infer_config(shapes, model=model, image_size=image_size, num_heads=num_heads)
@@ -336,32 +338,28 @@ def convert(src: Path, dst: Path, *, model: str | None = None, image_size: int |
   return cfg, notes
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m dydit_jax.convert", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--src", required=True, type=Path, help=".pt / .pth / .safetensors checkpoint")
-  p.add_argument("--dst", required=True, type=Path, help="model directory to create")
-  p.add_argument("--model", choices=MODEL_NAMES, help="official geometry (checked against the shapes)")
-  p.add_argument("--image-size", type=int, help="image side in pixels (checked against pos_embed)")
-  p.add_argument("--num-heads", type=int, help="head count for a geometry outside the registry")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --dst")
-  p.add_argument("--export-dit", action="store_true", help="drop DyDiT routers and write a plain DiT")
-  return p
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_string("src", None, ".pt / .pth / .safetensors checkpoint", required=True, **fv)
+  flags.DEFINE_string("dst", None, "model directory to create", required=True, **fv)
+  flags.DEFINE_enum("model", None, list(MODEL_NAMES), "official geometry (checked against the shapes)", **fv)
+  flags.DEFINE_integer("image_size", None, "image side in pixels (checked against pos_embed)", **fv)
+  flags.DEFINE_integer("num_heads", None, "head count for a geometry outside the registry", **fv)
+  flags.DEFINE_bool("overwrite", False, "replace an existing non-empty --dst", **fv)
+  flags.DEFINE_bool("export_dit", False, "drop DyDiT routers and write a plain DiT", **fv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    cfg, notes = convert(args.src, args.dst, model=args.model, image_size=args.image_size,
-                         num_heads=args.num_heads, overwrite=args.overwrite, export_dit=args.export_dit)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flag_values
+  dst = Path(f.dst)
+  cfg, notes = convert(Path(f.src), dst, model=f.model, image_size=f.image_size, num_heads=f.num_heads,
+                       overwrite=f.overwrite, export_dit=f.export_dit)
   for note in notes:
     print(note, file=sys.stderr)
-  print(f"wrote {args.dst}: {_describe(cfg)}")
-  return 0
+  print(f"wrote {dst}: {_describe(cfg)}")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, define_flags)

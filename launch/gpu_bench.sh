@@ -22,7 +22,7 @@
 #                          own dense baseline): what the width-independent residual passes cost
 #   chain ATTN ddim50      DDIM-50 + CFG chains, same engines (last: a timeout cuts only these rows)
 # Weights are random (speed depends on them only through the masks); routers are synthetic
-# (`dydit_jax.engine.synthetic`): more width at low noise, 85% of tokens routed on a calibration
+# (`dydit_jax.bench.synthetic`): more width at low noise, 85% of tokens routed on a calibration
 # batch, MACs ratio ~0.49 of dense.
 #
 # Environment: BUDGET hard limit in seconds (default 300), BATCH images (default 128), MODEL
@@ -32,8 +32,8 @@
 # the segment engine, whose XL programs take minutes to compile: raise BUDGET), SEGMENTS
 # (default 8), PROFILE (default 1; 0 = no traces), EXACTNESS (default 0; 1 = run tests/test_engine.py
 # on the device first, in fp32 with highest matmul precision, under EXACTNESS_BUDGET s), OUT output folder (default workdir_bench: ignored by
-# git; holds bench.json and bench.log), EXTRA more bench flags, e.g. EXTRA="--head-buckets 4
-# --group-buckets 4 --token-buckets 6" (fewer compiled branches) or "--token-keep 1.0" (width only), RESIDUAL_AB
+# git; holds bench.json and bench.log), EXTRA more bench flags, e.g. EXTRA="--head_buckets 4
+# --group_buckets 4 --token_buckets 6" (fewer compiled branches) or "--token_keep 1.0" (width only), RESIDUAL_AB
 # (default 1; 0 = no bf16-residual rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +53,10 @@ if [ "${PROFILE:-1}" != 0 ]; then PROFILE_FLAG="--profile $OUT/prof"; fi
 AB_PART=""
 if [ "${RESIDUAL_AB:-1}" != 0 ]; then AB_PART="chain:$ATTN:ddpm250:bfloat16,"; fi
 timeout -k 15 "${BUDGET:-300}" python -u -m dydit_jax.bench \
-  --model "${MODEL:-DiT-XL/2}" --image-size 256 --dtype bfloat16 --batch "${BATCH:-128}" --cfg-scale 1.5 \
-  --routers synthetic:0.49 --samplers ddpm250,ddim50 --steps-limit "${STEPS:-25}" \
+  --model "${MODEL:-DiT-XL/2}" --image_size 256 --dtype bfloat16 --batch "${BATCH:-128}" --cfg_scale 1.5 \
+  --routers synthetic:0.49 --samplers ddpm250,ddim50 --steps_limit "${STEPS:-25}" \
   --engines "${ENGINES:-buckets}" --segments "${SEGMENTS:-8}" \
-  --forward-batch 256 --iters 5 \
+  --forward_batch 256 --iters 5 \
   --parts "matmul,forward:$ATTN,chain:$ATTN:ddpm250,${AB_PART}chain:$ATTN:ddim50" \
   --json "$OUT/bench.json" --verbose $PROFILE_FLAG ${EXTRA:-} 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 import torch_reference as tr
-from dydit_jax import checkpoints, convert
+from absl import flags
+
+from dydit_jax import checkpoints, cli, convert
 
 REPO = Path(__file__).resolve().parents[1]
 # fp32 parity bound on the relative L2 error of whole-model outputs (observed ~1e-6 on CPU).
@@ -33,9 +35,16 @@ def random_inputs(model: tr.DiT, batch: int, seed: int):
   return x, t, y
 
 
-def convert_main(src, dst, *flags: str) -> int:
-  """The converter's CLI entry point, in-process (no jax import per call)."""
-  return convert.main(["--src", str(src), "--dst", str(dst), *flags])
+def convert_main(src, dst, *args: str) -> int:
+  """The converter's CLI (its flags, its error guard), in-process: no jax import per call; exit status."""
+  values = flags.FlagValues()
+  convert.define_flags(values)
+  values(["convert", f"--src={src}", f"--dst={dst}", *args])
+  try:
+    cli.guarded(convert.main)(["convert"], values)
+  except SystemExit as e:
+    return e.code
+  return 0
 
 
 def run_cli(src, dst, *flags: str) -> subprocess.CompletedProcess:

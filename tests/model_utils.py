@@ -1,7 +1,8 @@
-"""Shared test helpers: tiny geometries and parameter randomization.
+"""Shared test helpers: tiny geometries, hand-checkable masks, comparisons.
 
 An adaLN-Zero DiT outputs zeros at init, so any comparison of two fresh models proves nothing:
-`randomize` overwrites every parameter (zero-initialized ones included) with random values.
+`randomize` (from `dydit_jax.models.random_weights`, shared with the benchmark) overwrites every
+parameter, zero-initialized ones included, with random values.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dydit_jax.models import DiT, ModelConfig
+from dydit_jax.models import ModelConfig
+from dydit_jax.models.random_weights import randomize, randomize_routers  # noqa: F401 (re-exported)
+from dydit_jax.sampler import Sampler
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -18,32 +21,6 @@ def tiny_config(**overrides) -> ModelConfig:
               num_classes=10, class_dropout_prob=0.1)
   base.update(overrides)
   return ModelConfig(**base)
-
-
-def randomize(model: DiT, seed: int = 0, scale: float = 0.05, skip=("router", "mlp_head")) -> DiT:
-  """Fill every Param with N(0, scale^2) noise (in place). Router params are skipped by default so
-  that callers decide the routing regime explicitly (see `set_router_logits`)."""
-  key = jax.random.key(seed)
-  for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-    if any(s in map(str, path) for s in skip):
-      continue
-    var[...] = scale * jax.random.normal(jax.random.fold_in(key, i), var.shape, var.dtype)
-  return model
-
-
-def randomize_routers(model: DiT, seed: int = 1, weight_scale: float = 1.0, bias: float = 0.0) -> DiT:
-  """Router weights ~ N(0, weight_scale^2 / fan_in), biases constant: bias 0 gives mixed masks."""
-  key = jax.random.key(seed)
-  for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-    names = list(map(str, path))
-    if not any(s in names for s in ("router", "mlp_head")):
-      continue
-    if names[-1] == "bias":
-      var[...] = jnp.full(var.shape, bias, var.dtype)
-    else:
-      fan_in = var.shape[-2]
-      var[...] = weight_scale * jax.random.normal(jax.random.fold_in(key, i), var.shape) / fan_in ** 0.5
-  return model
 
 
 # Hand-computable DyDiT geometry: N = 16 tokens, D = 64, L = 2, H = 4, p = 2.
@@ -74,3 +51,38 @@ def sample_inputs(cfg: ModelConfig, batch: int = 3, seed: int = 0):
   t = jax.random.randint(kt, (batch,), 0, 1000)
   y = jax.random.randint(ky, (batch,), 0, cfg.num_classes)
   return x, t, y
+
+
+def checked(forward, reference, tol: float = 1e-5, poison: bool = True):
+  """A chain forward(x, t, y, row) -> (out, aux with "kept" (L, B)) that also runs `reference` (the
+  masked model) on the same input, adds the call's relative L2 error ("err") and whether its routed
+  tokens are the same ("same_tokens") to aux, and (`poison`) turns the output into NaN when the call
+  differs (error above `tol`, or other routed-token counts).
+
+  A final-sample check alone cannot see a wrong call: with random weights x_t grows along the chain
+  (RMS ~ 200) until the output barely depends on the blocks, so one wrong head at one step moves x_0
+  by ~1e-7. Poisoned, the wrong call turns the whole sample into NaN.
+  """
+  graphdef, state = nnx.split(reference)
+
+  def run(x, t, y, row):
+    out, aux = forward(x, t, y, row)
+    want, masks = nnx.merge(graphdef, state)(x, t, y, return_masks=True)
+    err = jnp.linalg.norm(out - want) / jnp.linalg.norm(want)
+    same = jnp.all(aux["kept"] == jnp.round(masks["token"].sum(-1)).astype(aux["kept"].dtype).T)
+    if poison:
+      out = jnp.where((err <= tol) & same, out, jnp.nan)
+    return out, {**aux, "err": err, "same_tokens": same}
+
+  return run
+
+
+class CheckedSampler(Sampler):
+  """A `Sampler` (any engine) whose every model call is `checked` against the masked `reference`."""
+
+  def __init__(self, model, options, reference, **kwargs):
+    self.reference = reference
+    super().__init__(model, options, **kwargs)
+
+  def _pieces(self, arrays):
+    return [(rows, checked(forward, self.reference)) for rows, forward in super()._pieces(arrays)]

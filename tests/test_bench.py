@@ -2,8 +2,13 @@
 and the profile summary reads a real trace."""
 import jax
 import jax.numpy as jnp
+import pytest
 
-from dydit_jax import bench, profile_summary
+from dydit_jax import bench
+from dydit_jax.bench import profile_summary
+from dydit_jax.bench.config import BenchConfig
+
+pytestmark = pytest.mark.slow   # end to end: subprocesses / whole runs (`-m "not slow"` skips)
 
 
 def test_profile_summary_reads_a_trace(tmp_path):
@@ -23,11 +28,10 @@ def test_profile_summary_reads_a_trace(tmp_path):
 
 
 def test_bench_rows_for_dense_and_both_engines(tmp_path, capsys):
-  rows = bench.main(["--model", "DiT-S/8", "--batch", "1", "--samplers", "ddim50", "--steps-limit", "2",
-                     "--parts", "chain,calls,chain:xla:ddim50:bfloat16", "--calls", "2",
-                     "--engines", "buckets,segments", "--segments", "2",
-                     "--routers", "synthetic:0.5", "--profile", str(tmp_path / "prof"),
-                     "--json", str(tmp_path / "bench.json")])
+  rows = bench.run(BenchConfig(model="DiT-S/8", batch=1, samplers=("ddim50",), steps_limit=2,
+                               parts=("chain", "calls", "chain:xla:ddim50:bfloat16"), calls=2,
+                               engines=("buckets", "segments"), segments=2, routers="synthetic:0.5",
+                               profile=str(tmp_path / "prof"), json=str(tmp_path / "bench.json")))
   models = ["dense", "DyDiT buckets", "DyDiT segments x2"]
   assert [(r["part"], r["model"]) for r in rows] == ([("chain", m) for m in models] + [("calls", m) for m in models]
                                                      + [("chain", f"{m}, bfloat16 residual") for m in models])
@@ -43,9 +47,8 @@ def test_bench_rows_for_dense_and_both_engines(tmp_path, capsys):
 
 
 def test_bench_cost_part_at_another_batch():
-  rows = bench.main(["--model", "DiT-S/8", "--batch", "1", "--samplers", "ddim50", "--steps-limit", "2",
-                     "--parts", "chain,cost", "--engines", "buckets", "--routers", "synthetic:0.5",
-                     "--cost-batch", "3"])
+  rows = bench.run(BenchConfig(model="DiT-S/8", batch=1, samplers=("ddim50",), steps_limit=2,
+                               parts=("chain", "cost"), engines=("buckets",), routers="synthetic:0.5", cost_batch=3))
   cost_row = rows[-1]
   assert cost_row["part"] == "cost" and cost_row["rows"] == 6 and "ERROR" not in cost_row["note"]
   bytes_ratio = float(cost_row["note"].split("(ratio ")[-1].rstrip(")"))
@@ -53,9 +56,9 @@ def test_bench_cost_part_at_another_batch():
 
 
 def test_train_step_benchmark_runs_the_trainer_step():
-  from dydit_jax.train import benchmark
-  r = benchmark.run("DiT-S/8", batch=2, dtype="float32", steps=1, complete=True, remat=False, attention=None,
-                    matmul_size=128)
+  from dydit_jax.bench import train_step
+  r = train_step.run("DiT-S/8", batch=2, dtype="float32", steps=1, complete=True, remat=False, attention="xla",
+                     matmul_size=128)
   assert r["mesh"] == {"data": jax.device_count(), "fsdp": 1}
   assert r["steps_per_s"] > 0 and 0 < r["mfu"] and jnp.isfinite(r["loss"])
 

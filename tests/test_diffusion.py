@@ -230,6 +230,14 @@ def test_fixed_variances_and_start_x():
                              **F32)
   got = small.p_mean_variance_from_output(out, xj, t)["log_variance"]
   np.testing.assert_allclose(got[:, 0, 0, 0], ref.plv[T_1000], **F32)
+  # Variances come from their own tables, as the official code returns them: FIXED_SMALL's is the
+  # posterior variance, exactly 0 at the last chain index (its log-variance stays the clipped one).
+  got = small.p_mean_variance_from_output(out, xj, t)["variance"]
+  np.testing.assert_allclose(got[:, 0, 0, 0], ref.pv[T_1000], **F32)
+  at_zero = small.p_mean_variance_from_output(out[:1], xj[:1], jnp.zeros((1,), jnp.int32))
+  assert float(at_zero["variance"].max()) == 0.0 and float(at_zero["log_variance"].max()) < -5
+  got = large.p_mean_variance_from_output(out, xj, t)["variance"]
+  np.testing.assert_allclose(got[:, 0, 0, 0], np.append(ref.pv[1], ref.b[1:])[T_1000], **F32)
   x0_model = create_diffusion("", learn_sigma=False, predict_xstart=True)
   np.testing.assert_array_equal(x0_model.p_mean_variance_from_output(out, xj, t)["pred_xstart"],
                                 out)

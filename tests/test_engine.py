@@ -10,20 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_utils import rel_l2, tiny_config
+from model_utils import checked, rel_l2, tiny_config
 
-from dydit_jax.diffusion import create_diffusion, ddpm_sample, sampling_timesteps
-from dydit_jax.engine import cost, sampling
+from dydit_jax.bench import cost
+from dydit_jax.bench.synthetic import calibrate_token_routers, set_synthetic_routers
+from dydit_jax.diffusion import (cfg_labels, create_diffusion, ddpm_sample, forward_with_cfg, guided,
+                                 run_pieces, sampling_timesteps)
 from dydit_jax.engine.buckets import choose_caps, padded_counts, token_caps
-from dydit_jax.engine.engine import DynamicEngine, EngineOptions, compute_model
+from dydit_jax.engine.engine import DynamicEngine, EngineOptions
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.engine.segments import SegmentEngine, partition_steps
-from dydit_jax.engine.synthetic import calibrate_token_routers, set_synthetic_routers
 from dydit_jax.models import DiT, flops
+from dydit_jax.models.compute import compute_model
 from dydit_jax.models.layers import sincos_pos_embed_2d
 from dydit_jax.models.dydit_init import dit_from_dydit
-from dydit_jax.models.guidance import cfg_labels, forward_with_cfg
-from dydit_jax.sample import SampleOptions, generate
+
+from dydit_jax.sampler import SampleOptions, generate
 
 # Fewer width buckets than distinct counts, so padded (zero-weighted) slots are exercised.
 FP32 = EngineOptions(dtype="float32", head_buckets=2, group_buckets=3, token_buckets=4)
@@ -138,29 +140,60 @@ def test_cfg_halves_share_one_plan_row(setup):
   assert rel_l2(got, want) <= 1e-5
 
 
-def test_ddpm250_chain_with_cfg_matches_reference(setup):
-  model, diffusion, _, engine, _, _ = setup
+def _engine_chain(engine, model, labels, noise, key):
+  """The DDPM-250 CFG chain through the engine's pieces (as the Sampler runs it), every call `checked`
+  against the masked model on the same input (a final-sample check alone cannot see a wrong call)."""
   cfg = model.config
-  labels = jnp.array([1, 7])
-  noise = jax.random.normal(jax.random.key(5), (4, cfg.input_size, cfg.input_size, cfg.in_channels))
-  key = jax.random.key(6)
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def reference(state):
-    m = nnx.merge(graphdef, state)
-    fn = lambda x, t: forward_with_cfg(m, x, t, cfg_labels(labels, cfg.num_classes), 1.5)
-    return ddpm_sample(fn, diffusion, noise, key)
 
   @jax.jit
   def fast(arrays):
-    step = sampling.guided(lambda x, t, y, row: engine.apply(arrays, x, t, y, row), labels,
-                           cfg_scale=1.5, num_classes=cfg.num_classes)
-    return sampling.sample(step, diffusion, noise, key)
+    pieces = []
+    for rows, f in engine.forwards(arrays):
+      as_dict = lambda x, t, y, row, f=f: (lambda out, kept: (out, {"kept": kept}))(*f(x, t, y, row))
+      pieces.append((rows, guided(checked(as_dict, model, poison=False), labels, cfg_scale=1.5, num_classes=cfg.num_classes)))
+    return run_pieces(pieces, create_diffusion("250"), noise, key)
 
-  got, kept = fast(engine.arrays)
-  assert kept.shape == (250, cfg.depth, 4)
-  assert rel_l2(got, reference(state)) <= 1e-4
+  return fast
+
+
+def _reference_chain(model, labels, noise, key):
+  cfg = model.config
+  graphdef, state = nnx.split(model)
+  m = nnx.merge(graphdef, state)
+  fn = lambda x, t: forward_with_cfg(m, x, t, cfg_labels(labels, cfg.num_classes), 1.5)
+  return jax.jit(lambda: ddpm_sample(fn, create_diffusion("250"), noise, key))()
+
+
+def _chain_inputs(cfg, seed):
+  noise = jax.random.normal(jax.random.key(seed), (4, cfg.input_size, cfg.input_size, cfg.in_channels))
+  return jnp.array([1, 7]), noise, jax.random.key(seed + 1)
+
+
+def test_ddpm250_chain_with_cfg_matches_reference(setup):
+  """Every call of the chain (per call <= 1e-5, same routed tokens) and the whole chain (<= 1e-4)."""
+  model, _, _, engine, _, _ = setup
+  labels, noise, key = _chain_inputs(model.config, 5)
+  got, aux = _engine_chain(engine, model, labels, noise, key)(engine.arrays)
+  assert aux["kept"].shape == (250, model.config.depth, 4) and aux["err"].shape == (250,)
+  assert float(aux["err"].max()) <= 1e-5 and bool(aux["same_tokens"].all())
+  assert rel_l2(got, _reference_chain(model, labels, noise, key)) <= 1e-4
+
+
+def test_a_wrong_head_at_one_step_fails_the_chain_check(setup):
+  """The per-call check can fail: close one open head of one layer at one step (engine tables only)."""
+  model, _, plan, engine, _, _ = setup
+  row = 30
+  layer = int(np.argmax(plan.head_counts[row]))            # a layer with open heads at that step
+  head = jax.tree.map(np.array, engine.arrays["tables"]["head"])
+  first = head["idx"][row, layer, 0]                        # its first open head
+  head["mask"][row, layer, first] = 0.0
+  head["valid"][row, layer, 0] = 0.0
+  planted = {**engine.arrays, "tables": {**engine.arrays["tables"], "head": jax.tree.map(jnp.asarray, head)}}
+  labels, noise, key = _chain_inputs(model.config, 5)
+  _, aux = _engine_chain(engine, model, labels, noise, key)(planted)
+  err = np.asarray(aux["err"])
+  assert err[row] > 1e-4, err[row]                  # ten times the per-call tolerance
+  assert np.delete(err, row).max() <= 1e-5          # every other call still equals the masked model
 
 
 def test_plan_macs_equal_flops_module(setup):
@@ -264,25 +297,15 @@ def test_segment_engine_call_matches_masked_forward(setup, segmented):
 
 
 def test_segment_engine_ddpm250_chain_matches_reference(setup, segmented):
-  model, diffusion, plan, *_ = setup
+  model, _, plan, *_ = setup
   engine, _ = segmented
   cfg = model.config
-  labels = jnp.array([3, 5])
-  noise = jax.random.normal(jax.random.key(7), (4, cfg.input_size, cfg.input_size, cfg.in_channels))
-  key = jax.random.key(8)
-  graphdef, state = nnx.split(model)
-  fn = lambda m: lambda x, t: forward_with_cfg(m, x, t, cfg_labels(labels, cfg.num_classes), 1.5)
-  want = jax.jit(lambda s: ddpm_sample(fn(nnx.merge(graphdef, s)), diffusion, noise, key))(state)
-
-  @jax.jit
-  def fast(arrays):
-    pieces = [(rows, sampling.guided(f, labels, cfg_scale=1.5, num_classes=cfg.num_classes))
-              for rows, f in engine.forwards(arrays)]
-    return sampling.sample_pieces(pieces, diffusion, noise, key)
-
-  got, kept = fast(engine.arrays)
-  assert kept.shape == (250, cfg.depth, 4)
-  assert rel_l2(got, want) <= 1e-4
+  labels, noise, key = _chain_inputs(cfg, 7)
+  got, aux = _engine_chain(engine, model, labels, noise, key)(engine.arrays)
+  kept = aux["kept"]
+  assert kept.shape == (250, cfg.depth, 4) and aux["err"].shape == (250,)
+  assert float(aux["err"].max()) <= 1e-5 and bool(aux["same_tokens"].all())
+  assert rel_l2(got, _reference_chain(model, labels, noise, key)) <= 1e-4
   steps = np.arange(250)
   analytic = cost.analytic_macs(plan, kept, steps)
   assert analytic < cost.padded_macs(engine, kept, steps, include_router=False) < 2 * analytic
@@ -320,9 +343,9 @@ def test_sample_pieces_must_cover_the_steps(setup):
   forward = lambda x, t, row: (x, ())
   noise = jnp.zeros((1, 2, 2, 1))
   with pytest.raises(ValueError, match="every requested step"):
-    sampling.sample_pieces([(np.arange(100), forward)], diffusion, noise, jax.random.key(0))
+    run_pieces([(np.arange(100), forward)], diffusion, noise, jax.random.key(0))
   with pytest.raises(ValueError, match="every requested step"):   # out of order
-    sampling.sample_pieces([(np.arange(100, 250), forward), (np.arange(100), forward)], diffusion, noise,
+    run_pieces([(np.arange(100, 250), forward), (np.arange(100), forward)], diffusion, noise,
                            jax.random.key(0))
 
 

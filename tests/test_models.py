@@ -13,7 +13,7 @@ from dydit_jax.models.dydit_init import dit_from_dydit, dydit_from_dit, reorder_
 from dydit_jax.models.routers import gate
 from model_utils import rel_l2, randomize, randomize_routers, sample_inputs, tiny_config
 
-# Published totals (shared/reference/dit.md §2): trainable, and with the stored pos_embed.
+# Published totals (DiT paper Table 4 and the released checkpoints): trainable, and with the stored pos_embed.
 PUBLISHED = {
     ("DiT-S/2", 256): (32_865_056, 32_963_360),
     ("DiT-B/2", 256): (130_315_808, 130_512_416),

@@ -15,7 +15,7 @@ import torch_reference as tr
 from convert_helpers import (PARITY_RTOL, jax_forward, random_inputs, rel_l2, run_cli, save_and_convert,
                              to_jax, torch_model)
 from dydit_jax import checkpoints
-from dydit_jax.models.guidance import forward_with_cfg
+from dydit_jax.diffusion.guidance import forward_with_cfg
 from dydit_jax.models.layers import sincos_pos_embed_2d
 
 GEOMETRIES = {
@@ -36,7 +36,7 @@ DYDIT = dict(input_size=8, patch_size=2, hidden_size=128, depth=3, num_heads=4, 
 def test_dit_parity(name, tmp_path):
   geometry = GEOMETRIES[name]
   ref = torch_model(seed=1, **geometry)
-  model = save_and_convert(ref, tmp_path, "--num-heads", str(geometry["num_heads"]))
+  model = save_and_convert(ref, tmp_path, "--num_heads", str(geometry["num_heads"]))
   x, t, y = random_inputs(ref, batch=3, seed=2)
   with torch.no_grad():
     want, _ = ref(x, t, y)
@@ -49,7 +49,7 @@ def test_registry_model_through_cli(tmp_path):
   """A real registry geometry (DiT-S/2 at 256 px, 33M parameters) through the CLI subprocess."""
   ref = torch_model(seed=3, input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6)
   torch.save(ref.state_dict(), tmp_path / "s2.pt")
-  result = run_cli(tmp_path / "s2.pt", tmp_path / "s2", "--model", "DiT-S/2", "--image-size", "256")
+  result = run_cli(tmp_path / "s2.pt", tmp_path / "s2", "--model", "DiT-S/2", "--image_size", "256")
   assert result.returncode == 0, result.stderr
   model = checkpoints.load_model(tmp_path / "s2")
   assert model.config.num_heads == 6 and model.config.num_tokens == 256
@@ -64,7 +64,7 @@ def _dydit_pair(router_format: str, tmp_path):
   ref = torch_model(seed=5, dynamic=True, router_format=router_format, **DYDIT)
   x, t, y = random_inputs(ref, batch=4, seed=6)
   tr.center_token_routers_(ref, x, t, y)
-  return ref, save_and_convert(ref, tmp_path, "--num-heads", str(DYDIT["num_heads"])), (x, t, y)
+  return ref, save_and_convert(ref, tmp_path, "--num_heads", str(DYDIT["num_heads"])), (x, t, y)
 
 
 def _assert_decisive_gates(ref, x, t, y):

@@ -14,15 +14,16 @@ def load(name):
   return module
 
 
-@pytest.mark.parametrize("name", ["demo", "s", "b", "xl"])
+@pytest.mark.parametrize("name", ["demo", "imagenet", "xl"])
 def test_docstring_gives_the_run_command(name):
   assert f"python -m dydit_jax.main --config=configs/{name}.py" in load(name).__doc__
 
 
-@pytest.mark.parametrize("name,model,steps,complete", [("s", "DiT-S/2", 50_000, 0), ("b", "DiT-B/2", 100_000, 0),
-                                                       ("xl", "DiT-XL/2", 200_000, 30_000)])
-def test_imagenet_recipe(name, model, steps, complete):
-  c = load(name).get_config("lam=0.5,res=256")
+@pytest.mark.parametrize("name,arg,model,steps,complete", [
+    ("imagenet", "", "DiT-S/2", 50_000, 0), ("imagenet", "size=B,", "DiT-B/2", 100_000, 0),
+    ("xl", "", "DiT-XL/2", 200_000, 30_000)])
+def test_imagenet_recipe(name, arg, model, steps, complete):
+  c = load(name).get_config(arg + "lam=0.5,res=256")
   assert (c.model.name, c.total_steps, c.dydit.complete_steps) == (model, steps, complete)
   assert (c.optimizer.lr, c.optimizer.weight_decay, c.batch_size, c.ema_decay) == (1e-4, 0.0, 256, 0.9999)
   assert (c.dydit.lam, c.dydit.lambda_warmup_steps, c.dydit.lambda_hold_steps) == (0.5, 1000, 100)
@@ -46,6 +47,10 @@ def test_xl_variants():
   assert not scratch.model.dynamic and scratch.grad_clip_norm == 0 and not scratch.stratified_t
   with pytest.raises(ValueError, match="lamda"):
     xl.get_config("lamda=0.5")
+  with pytest.raises(ValueError, match="size must be one of XL"):
+    xl.get_config("size=S")
+  with pytest.raises(ValueError, match="size must be one of S, B"):
+    load("imagenet").get_config("size=XL")
 
 
 def test_demo_variants():

@@ -3,9 +3,12 @@ over its sampling run within +-0.05 of lambda (the full demo, same code, gets mo
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import train_helpers as th
+
+pytestmark = pytest.mark.slow   # end to end: subprocesses / whole runs (`-m "not slow"` skips)
 
 
 def test_quick_demo(tmp_path_factory):

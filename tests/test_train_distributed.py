@@ -17,6 +17,8 @@ from PIL import Image
 
 import train_helpers as th
 
+pytestmark = pytest.mark.slow   # end to end: subprocesses / whole runs (`-m "not slow"` skips)
+
 ARG = "steps=6,every=2,fsdp=2,complete=0,sample=6"
 TOL = 1e-5
 

@@ -10,6 +10,8 @@ from dydit_jax.train import loop, sharding, state as state_lib
 from dydit_jax.train.config import build_model_config
 from model_utils import randomize
 
+pytestmark = pytest.mark.slow   # end to end: subprocesses / whole runs (`-m "not slow"` skips)
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

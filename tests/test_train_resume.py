@@ -16,6 +16,8 @@ import pytest
 
 import train_helpers as th
 
+pytestmark = pytest.mark.slow   # end to end: subprocesses / whole runs (`-m "not slow"` skips)
+
 N = 100
 ARG = f"steps={N},every=50"
 SYNC_SAVES = "--config.checkpoint.use_async=False"  # the step-50 directory appears exactly at step 50

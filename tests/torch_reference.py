@@ -1,4 +1,4 @@
-"""PyTorch reference DiT / DyDiT for the parity tests, written from the facts in shared/reference.
+"""PyTorch reference DiT / DyDiT for the parity tests, written from the papers and the public facts of the official code.
 
 Written from the documented behaviour (dit.md §3-4, dydit.md §1-2, §6, §12), not from the official
 sources, and kept deliberately plain: official module names (so `state_dict()` has the official

@@ -175,18 +175,26 @@ class GaussianDiffusion:
 
   # ---------------------------------------------------------------- reverse process
 
-  def _model_log_variance(self, var_values, x, t):
-    """Log-variance of p(x_{t-1} | x_t); `var_values` is the model's v (LEARNED_RANGE only)."""
+  def _model_variance(self, var_values, x, t):
+    """(variance, log-variance) of p(x_{t-1} | x_t); `var_values` is the model's v (LEARNED_RANGE only).
+
+    As the official code: with a fixed variance both come from their own tables, so FIXED_SMALL's
+    variance is the posterior variance (0 at the last step) while its log-variance is the clipped
+    one; a learned variance is the exponential of its interpolated log.
+    """
     if self.model_var_type == ModelVarType.LEARNED_RANGE:
       min_log = self.extract(self.posterior_log_variance_clipped, t, x)
       max_log = self.extract(self.log_betas, t, x)
       frac = (var_values + 1.0) / 2.0
-      return frac * max_log + (1.0 - frac) * min_log
+      log_variance = frac * max_log + (1.0 - frac) * min_log
+      return jnp.exp(log_variance), log_variance
     if self.model_var_type == ModelVarType.FIXED_LARGE:
-      table = np.log(np.append(self.posterior_variance[1], self.betas[1:]))
+      variance = np.append(self.posterior_variance[1], self.betas[1:])
+      log_variance = np.log(variance)
     else:
-      table = self.posterior_log_variance_clipped
-    return jnp.broadcast_to(self.extract(table, t, x), x.shape)
+      variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
+    full = lambda table: jnp.broadcast_to(self.extract(table, t, x), x.shape)
+    return full(variance), full(log_variance)
 
   def p_mean_variance_from_output(self, model_output, x, t, clip_denoised: bool = False):
     """Reverse-step distribution p(x_{t-1} | x_t) from an already computed model output.
@@ -210,7 +218,7 @@ class GaussianDiffusion:
       model_output, var_values = jnp.split(model_output, 2, axis=-1)
     else:
       var_values = None
-    log_variance = self._model_log_variance(var_values, x, t)
+    variance, log_variance = self._model_variance(var_values, x, t)
 
     if self.model_mean_type == ModelMeanType.EPSILON:
       pred_xstart = self.predict_xstart_from_eps(x, t, model_output)
@@ -219,7 +227,7 @@ class GaussianDiffusion:
     if clip_denoised:
       pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
     mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-    return {"mean": mean, "variance": jnp.exp(log_variance), "log_variance": log_variance,
+    return {"mean": mean, "variance": variance, "log_variance": log_variance,
             "pred_xstart": pred_xstart}
 
   def p_mean_variance(self, model_fn: ModelFn, x, t, clip_denoised: bool = False):

@@ -132,6 +132,32 @@ def run_chain(forward: ChainForward, diffusion: GaussianDiffusion, x, key, *, me
   return jax.lax.scan(body, x, xs)
 
 
+def run_pieces(pieces, diffusion: GaussianDiffusion, x, key, *, method: str = "ddpm", eta: float = 0.0,
+               positions=None, row_ids=None):
+  """Runs the chain as consecutive pieces [(sampling-order positions it owns, forward), ...].
+
+  Each piece scans the positions it owns (intersected with `positions`, default all) through
+  `run_chain` and hands x on; pieces with nothing to run are skipped. A segmented engine runs one
+  program per range of steps this way. Returns (x_0, aux concatenated over the executed steps).
+  """
+  wanted = np.unique(np.arange(diffusion.num_timesteps) if positions is None else np.asarray(positions))
+  owned = piece_positions(pieces, wanted)
+  auxes = []
+  for own, (_, forward) in zip(owned, pieces):
+    if own.size:
+      x, aux = run_chain(forward, diffusion, x, key, method=method, eta=eta, positions=own, row_ids=row_ids)
+      auxes.append(aux)
+  return x, jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)
+
+
+def piece_positions(pieces, wanted: np.ndarray) -> list[np.ndarray]:
+  """The positions of `wanted` each piece runs; every wanted position exactly once, in order."""
+  owned = [np.intersect1d(np.asarray(rows), wanted) for rows, _ in pieces]
+  if sum(len(p) for p in owned) != len(wanted) or not np.array_equal(np.concatenate(owned), wanted):
+    raise ValueError("the pieces must own every requested step once, in sampling order")
+  return owned
+
+
 def ddpm_sample(model_fn: ModelFn, diffusion: GaussianDiffusion, noise, key,
                 clip_denoised: bool = False):
   """Ancestral sampling from x_T = `noise` through every step of `diffusion`.

@@ -6,12 +6,12 @@
 
 Modules: `plan` (the width plan: save, summary, plot, MACs), `buckets` (static capacities),
 `blocks` (the sliced / gathered block), `engine` (the bucket engine: one program, per-layer
-`lax.switch`), `segments` (static widths per range of steps: one unrolled program per range),
-`sampling` (whole chains with stats, as one scan or consecutive pieces), `cost` (analytic vs
-XLA-counted MACs), `calibration` and `synthetic` (routers with a chosen MACs ratio, for benchmarks).
+`lax.switch`), `segments` (static widths per range of steps: one unrolled program per range).
+Sampling chains through an engine: `dydit_jax.sampler.Sampler`; costing and synthetic routers for
+benchmarks: `dydit_jax.bench`.
 """
-from dydit_jax.engine.engine import DynamicEngine, EngineOptions, compute_model
+from dydit_jax.engine.engine import DynamicEngine, EngineOptions
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.engine.segments import SegmentEngine
 
-__all__ = ["DynamicEngine", "EngineOptions", "SegmentEngine", "WidthPlan", "compute_model"]
+__all__ = ["DynamicEngine", "EngineOptions", "SegmentEngine", "WidthPlan"]

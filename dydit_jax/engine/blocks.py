@@ -11,11 +11,11 @@ Equal, up to float rounding, to the masked eval-mode block of `dydit_jax.models.
   into a buffer of static capacity (one cumsum for destinations, one small int scatter to list the
   sources, then gathers), the MLP runs on the buffer, and each routed token gathers its row back
   inside the residual update. Skipped tokens keep the residual. Gathers instead of activation
-  scatters: measured faster on GPU (shared/design.md §4).
+  scatters: measured faster on GPU (docs/benchmarks.md).
 
 Widths come from the plan tables (bucket id = which compiled capacity); the token capacity is chosen
 from the routed count at run time. Both choices are `lax.switch` branches of static shape, built here
-by `attention_branches` / `mlp_branches` (also used by `engine.cost` to cost each branch alone).
+by `attention_branches` / `mlp_branches` (also used by `bench.cost` to cost each branch alone).
 Padded slots (capacity > open units) hold closed units and are zeroed on the weight side (their
 `proj` / fc2 rows), which costs weights-sized work, not activations-sized.
 """

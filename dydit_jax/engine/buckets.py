@@ -64,7 +64,7 @@ def token_caps(rows: int, num_buckets: int, fractions: tuple[float, ...] | None 
 
 
 def fit_token_fractions(observed: np.ndarray, num_buckets: int, resolution: int = 256) -> tuple[float, ...]:
-  """Token-capacity fractions fitted to observed routed fractions (e.g. `engine.calibration`).
+  """Token-capacity fractions fitted to observed routed fractions (e.g. `bench.calibration`).
 
   Uniform j/T capacities waste half a bucket on average; with observations concentrated in part of
   [0, 1] (trained and synthetic routers are), the same number of branches fitted by `choose_caps`

@@ -26,40 +26,17 @@ from flax import nnx
 from dydit_jax.engine.blocks import BlockSpec, dynamic_block, mlp_keys
 from dydit_jax.engine.buckets import choose_caps, padded_counts, plan_tables
 from dydit_jax.engine.plan import WidthPlan
+from dydit_jax.models.compute import compute_model
 from dydit_jax.models.dit import DiT
-
-# Block linears whose weights are pre-cast to the compute dtype (>99% of the parameters).
-BLOCK_MATMULS = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"), ("adaLN_modulation",))
-
-
-def compute_model(model: DiT, dtype: str = "bfloat16", attention_impl: str | None = None,
-                  residual_dtype: str | None = None) -> DiT:
-  """The model rebuilt to compute in `dtype` with its block matmul weights stored in `dtype`.
-
-  Shared by the engine and by dense baselines, so both read weights of the same width. Routers and
-  embedders keep their stored dtype (routers always run in float32). Arrays already in `dtype` are
-  reused, not copied. residual_dtype: see `ModelConfig` (None keeps the model's).
-  """
-  cfg = model.config.replace(dtype=jnp.dtype(dtype).name, attention_impl=attention_impl,
-                             residual_dtype=residual_dtype or model.config.residual_dtype)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
-
-  def cast(path, value):
-    names = tuple(str(getattr(k, "key", k)) for k in path)
-    matmul = names[0] == "blocks" and any(names[1:1 + len(p)] == p for p in BLOCK_MATMULS)
-    return value.astype(dtype) if matmul else value
-
-  nnx.replace_by_pure_dict(abstract, jax.tree_util.tree_map_with_path(cast, nnx.state(model).to_pure_dict()))
-  return nnx.merge(graphdef, abstract)
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
   """How the engine compiles.
 
-  dtype: matmul dtype (bf16 for speed; float32 for exactness tests). attention_impl: None (XLA) or
-  "cudnn". head_buckets / group_buckets: max head / MLP-group capacities (fitted to the plan; more =
-  less padding, more branches). token_buckets: T in the token capacities j/T of the flattened batch,
+  dtype: matmul dtype (bf16 for speed; float32 for exactness tests). attention_impl: "xla" or
+  "cudnn" (`ModelConfig.attention_impl`; None keeps the model's). head_buckets / group_buckets: max
+  head / MLP-group capacities (fitted to the plan; more = less padding, more branches). token_buckets: T in the token capacities j/T of the flattened batch,
   unless token_fractions gives the capacities (e.g. `buckets.fit_token_fractions` of calibration
   observations; 1.0 is implied). Branches per block: head_buckets attention + about
   group_buckets x (number of token capacities + 1) MLP.
@@ -80,7 +57,7 @@ class EngineBase:
   tokens per layer and sample). `row` is the plan row (the sampling step); with row=None it is looked
   up from t, and a t outside the plan (or a batch whose t differ) yields NaN output instead of a
   host-side error inside jit. `forwards(arrays)` lists the pieces a sampling chain runs
-  (`engine.sampling.sample_pieces`); `width_capacities(rows)` the head / group counts computed.
+  (`diffusion.samplers.run_pieces`); `width_capacities(rows)` the head / group counts computed.
   """
 
   def __init__(self, model: DiT, plan: WidthPlan, options: EngineOptions):
@@ -94,7 +71,7 @@ class EngineBase:
 
   def block_spec(self, head_caps, group_caps) -> BlockSpec:
     o = self.options
-    return BlockSpec(self.config, jnp.dtype(o.dtype).name, o.attention_impl, tuple(head_caps),
+    return BlockSpec(self.config, jnp.dtype(o.dtype).name, self.config.attention_impl, tuple(head_caps),
                      tuple(group_caps), o.token_buckets, o.token_fractions)
 
   def _row(self, arrays, t, row):

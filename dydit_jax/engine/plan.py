@@ -1,6 +1,6 @@
 """Width plan: which attention heads and MLP groups every layer opens at every step of a sampler.
 
-DyDiT's width routers read only the timestep embedding (shared/reference/dydit.md §1.1), so at
+DyDiT's width routers read only the timestep embedding (DyDiT paper §3.1, TDW), so at
 inference (gate on <=> logit > 0) the head and group masks are a function of t alone. For a
 sampler's timestep list they are computed once, from the parameters, before sampling; the engine then
 runs each step with only those units' weights. Cond and uncond halves of a CFG batch share t and

@@ -1,9 +1,9 @@
 """SegmentEngine: static widths per range of sampling steps, one unrolled program per range.
 
 The bucket engine (`engine.DynamicEngine`) keeps one program for the whole chain and picks every
-layer's width at run time with `lax.switch`; on an H200 it reached 1.45x at a MACs ratio of 0.46
-where static half-width slicing reached 1.8x (docs/benchmarks.md). The widths, however, depend on the
-timestep only, so they are known on the host before sampling starts. This engine uses that:
+layer's width at run time with `lax.switch`, short of what static half-width slicing reaches
+(docs/benchmarks.md). The widths, however, depend on the timestep only, so they are known on the host
+before sampling starts. This engine uses that:
 
 - the chain's steps are cut into K contiguous segments (`partition_steps`: an exact dynamic program
   minimising the MACs computed, since a segment computes the union of its steps' open units);
@@ -11,14 +11,13 @@ timestep only, so they are known on the host before sampling starts. This engine
   once per call from the stacked weights; each step zeroes the union's units it does not open on the
   out-projection side (exact, as in `blocks`);
 - each segment is one program with its layers unrolled (different widths per layer), and a chain is
-  K consecutive scans (`sampling.sample_pieces`), dispatched without host syncs between them;
+  K consecutive scans (`diffusion.samplers.run_pieces`), dispatched without host syncs between them;
 - token counts stay data dependent: the MLP keeps the `lax.switch` over token capacities.
 
-Trade-offs, measured (docs/benchmarks.md §3c, H100, XL, DDPM-250 + CFG): no width switches and
-matmul shapes fixed per layer, against K unrolled programs to compile and the padding of a union over a
-segment's steps. Removing the width switches gained nothing there: K = 4 (GPU busy 99% of its chain)
-ran at 1.34x against the bucket engine's 1.38x and took 80 s to compile against 35 s. It stays as an
-option (`--engine segments`) for backends where branches cost more.
+Trade-offs: no width switches and matmul shapes fixed per layer, against K unrolled programs to
+compile and the padding of a union over a segment's steps. On an H100 removing the width switches
+gained nothing and doubled the compile time (docs/benchmarks.md §3c), so the bucket engine is the
+default; this one stays an option (`--engine segments`) for backends where branches cost more.
 """
 from __future__ import annotations
 

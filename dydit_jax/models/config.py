@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any
 
+from dydit_jax.errors import UserError
+
 # name -> (depth, hidden_size, num_heads); patch size comes from the "/p" suffix.
 _SIZES = {
     "S": (12, 384, 6),
@@ -24,6 +26,10 @@ MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in _SIZES for p in (2, 4, 8))
 #   "all": H outputs, no forced unit (Dec-2024 official release).
 ROUTER_FORMATS = ("forced_first", "all")
 RESIDUAL_DTYPES = ("float32", "bfloat16")
+# `jax.nn.dot_product_attention` implementations: XLA's (any backend) or cuDNN's fused kernel (GPU,
+# bf16 / fp16). The one spelling everywhere; None, "" and "none" (older configs and checkpoints) mean
+# "xla".
+ATTENTION_IMPLS = ("xla", "cudnn")
 # How a model runs, not which weights it holds: checkpoints and width plans ignore them.
 RUNTIME_FIELDS = ("dtype", "attention_impl", "remat", "residual_dtype")
 
@@ -55,22 +61,23 @@ class ModelConfig:
   residual_dtype: str = "float32"
   # Gumbel-sigmoid temperature of the training-time gates (only scales gradients).
   gate_tau: float = 5.0
-  # Runtime choices (not geometry): jax.nn.dot_product_attention implementation (None = XLA,
-  # "cudnn" = fused GPU kernel for bf16/fp16) and rematerialization of each block in training.
-  attention_impl: str | None = None
+  # Runtime choices (not geometry): the attention implementation (ATTENTION_IMPLS) and
+  # rematerialization of each block in training.
+  attention_impl: str = "xla"
   remat: bool = False
 
   def __post_init__(self):
+    object.__setattr__(self, "attention_impl", normalize_attention(self.attention_impl))
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+      raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.input_size % self.patch_size:
-      raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+      raise UserError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
     if self.router_format not in ROUTER_FORMATS:
-      raise ValueError(f"router_format must be one of {ROUTER_FORMATS}, got {self.router_format!r}")
+      raise UserError(f"router_format must be one of {ROUTER_FORMATS}, got {self.router_format!r}")
     if self.residual_dtype not in RESIDUAL_DTYPES:
-      raise ValueError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
+      raise UserError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
     if self.mlp_hidden % self.num_heads:
-      raise ValueError(f"MLP width {self.mlp_hidden} does not split into {self.num_heads} groups")
+      raise UserError(f"MLP width {self.mlp_hidden} does not split into {self.num_heads} groups")
 
   # Derived geometry -------------------------------------------------------------------------
   @property
@@ -122,7 +129,7 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
-      raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+      raise UserError(f"unknown model config fields: {sorted(unknown)}")
     return cls(**d)
 
   @classmethod
@@ -138,6 +145,14 @@ class ModelConfig:
     return self.replace(**defaults)
 
 
+def normalize_attention(name: str | None) -> str:
+  """The one spelling of an attention implementation (see ATTENTION_IMPLS)."""
+  value = "xla" if name in (None, "", "none", "None") else str(name).lower()
+  if value not in ATTENTION_IMPLS:
+    raise UserError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {name!r}")
+  return value
+
+
 def model_config(name: str, image_size: int = 256, **overrides) -> ModelConfig:
   """The official geometry for `name` (e.g. "DiT-XL/2") at `image_size` pixels (latent = /8)."""
   try:
@@ -147,9 +162,9 @@ def model_config(name: str, image_size: int = 256, **overrides) -> ModelConfig:
     if patch not in (2, 4, 8):
       raise KeyError(name)
   except (KeyError, ValueError):
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
+    raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
   if image_size % 8:
-    raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
+    raise UserError(f"image_size must be a multiple of 8, got {image_size}")
   base = dict(input_size=image_size // 8, patch_size=patch, depth=depth, hidden_size=hidden, num_heads=heads)
   base.update(overrides)
   return ModelConfig(**base)

@@ -1,6 +1,6 @@
 """Moving weights between DiT and DyDiT, and the optional importance reordering before fine-tuning.
 
-`dydit_from_dit` is how fine-tuning starts (shared/reference/dydit.md §1.4): every DiT weight is
+`dydit_from_dit` is how fine-tuning starts (DyDiT paper §3.3, official router init): every DiT weight is
 copied and the routers get the official init (xavier weights, biases 15 for the width routers and 35
 for the token router's output), so every gate is open and the fresh DyDiT computes exactly what the
 DiT computes. `dit_from_dydit` drops the routers (the DyDiT's `complete` mode as a plain DiT).

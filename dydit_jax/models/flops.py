@@ -4,8 +4,8 @@ Units: every count here is in MACs (one multiply-add = 1), the convention of the
 and of the DyDiT FLOPs table; FLOPs = 2 * MACs (`macs_to_flops`). Counts are for ONE forward of ONE
 sample (no classifier-free-guidance doubling).
 
-What is counted, for a model of width D, depth L, N tokens, patch p (shared/reference/dit.md §2,
-dydit.md §3):
+What is counted, for a model of width D, depth L, N tokens, patch p (DiT paper §3 and Table 4; DyDiT
+paper §3.3 and the official `loss.py`):
   - per block, attention  A = 4 N D^2 + 2 N^2 D  (qkv 3ND^2, proj ND^2, QK^T N^2 D, AV N^2 D)
                 MLP       M = 8 N D^2            (fc1 + fc2 at ratio 4)
     `layer_macs` gives (A, M); at N=256 they equal the constants of the official DyDiT `loss.py`.
@@ -152,14 +152,21 @@ def dydit_macs(cfg: ModelConfig, masks: Mapping[str, jax.Array], *, count_modula
   same whatever they decide (the token router scores every token).
   """
   _check_masks(cfg, masks)
+  return fraction_macs(cfg, *mask_fractions(masks), count_modulation=count_modulation,
+                       include_routers=include_routers)
+
+
+def fraction_macs(cfg: ModelConfig, heads, groups, tokens, axis: int = -1, *, count_modulation: bool = True,
+                  include_routers: bool = False):
+  """MACs of one forward from open fractions (layers along `axis`), NumPy or JAX: what `dydit_macs`
+  counts from masks, for callers that hold fractions (e.g. a sampling run's statistics)."""
   n = cfg.num_tokens
   # Floats: XL's per-layer MACs exceed int32, which a Python int inside a jitted product must fit.
   attn, mlp = (float(v) for v in layer_macs(cfg, n))
   mod = float(modulation_macs(cfg, n)) if count_modulation else 0.0
-  h, g, k = mask_fractions(masks)
-  dynamic = jnp.sum(h * attn + k * (g * mlp + mod), axis=-1)
+  dynamic = (heads * attn + tokens * (groups * mlp + mod)).sum(axis=axis)
   static_block = block_adaln_macs(cfg) + mod
   if include_routers and cfg.dynamic:
     static_block += sum(router_macs(cfg, n).values())
   static = cfg.depth * static_block + embed_macs(cfg, n, count_modulation=count_modulation)
-  return dynamic + jnp.float32(static)
+  return dynamic + (jnp.float32(static) if isinstance(dynamic, jax.Array) else static)

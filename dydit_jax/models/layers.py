@@ -1,6 +1,6 @@
 """Small numerical pieces of DiT whose exact definitions matter for PyTorch parity.
 
-Each function pins one convention of the official code (see shared/reference/dit.md §4, §13): the
+Each function pins one convention of the official code (facebookresearch/DiT `models.py`): the
 float64 2-D sin-cos table with the column index first, the cos-then-sin timestep frequencies, the
 `(1 + scale)` modulation, affine-free LayerNorm at eps 1e-6, and the initializers computed on the
 PyTorch (fused / flattened) shapes so a fresh model has the official statistics.
@@ -84,7 +84,7 @@ def split_linear(layer: nnx.Linear, x: jax.Array, parts: int) -> list[jax.Array]
 
   Why not slice one fused product: attention reads q, k and v as separate (B, N, H, hd) arrays, and
   slices of a fused (..., 3D) output are strided, so XLA copies each one (a full pass over the
-  activations, 6% of a dense DiT-XL/2 call in an H100 profile). One matmul per chunk writes each
+  activations; docs/benchmarks.md §3c). One matmul per chunk writes each
   chunk where attention reads it. Same weights (the stored layout stays fused, as in PyTorch) and the
   same per-element dot products as `layer(x)`.
   """

@@ -1,4 +1,4 @@
-"""DyDiT routers and gates (shared/reference/dydit.md §1-2, §12).
+"""DyDiT routers and gates (DyDiT paper §3.1-§3.2; the official `DyDiT/models.py`).
 
 TDW: `WidthRouter` maps the timestep embedding (after the t-MLP, never the class) to one gate per
 attention head or MLP channel group, so at inference the masks depend on t alone and can be

@@ -1,4 +1,4 @@
-"""Run checkpoints in a workdir: save, resume (with fallback), and load a model back out.
+"""Run checkpoints in a workdir: save, resume (with fallback), and the weights a run starts from.
 
 Layout (orbax `CheckpointManager`, local path or gs://):
 
@@ -31,25 +31,12 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from dydit_jax import checkpoints
+from dydit_jax.checkpoints import CHECKPOINT_DIR, IncompatibleCheckpointError, check_compatible, saved_model_config
 from dydit_jax.models import DiT, ModelConfig
 from dydit_jax.train.state import TrainState
 
-CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
-
-
-class IncompatibleCheckpointError(ValueError):
-  """A checkpoint holds a different model than the config asks for."""
-
-
-def check_compatible(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
-  """Raise IncompatibleCheckpointError naming every differing geometry field (`ModelConfig.geometry`:
-  numerics and implementation choices may change between a checkpoint and the run resuming it)."""
-  a, b = saved.geometry().to_dict(), wanted.geometry().to_dict()
-  diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-  if diff:
-    lines = ", ".join(f"{k}: checkpoint {s!r} vs config {w!r}" for k, (s, w) in sorted(diff.items()))
-    raise IncompatibleCheckpointError(f"{where} holds a different model than the config asks for ({lines})")
 
 
 def _full_dict(params: nnx.State, buffers: nnx.State) -> dict[str, Any]:
@@ -153,30 +140,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def resolve_workdir(workdir: str, *, step: int | None = None, use_ema: bool = True
-                    ) -> tuple[epath.Path, ModelConfig]:
-  """(params item directory, ModelConfig) of a workdir's checkpoint (default: the newest).
-
-  The item directory is an orbax StandardCheckpointer tree in the model-directory layout, so
-  `dydit_jax.checkpoints` can restore it like a converted model's params/.
-  """
-  directory = epath.Path(workdir) / CHECKPOINT_DIR
-  if not directory.is_dir():
-    raise FileNotFoundError(f"{workdir} is not a training workdir (no {CHECKPOINT_DIR}/ inside)")
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(f"{directory} has no checkpoint" + ("" if step is None else f" at step {step}"))
-    config = saved_model_config(manager, step)
-  return directory / str(step) / ("ema" if use_ema else "params"), config
-
-
-def saved_model_config(manager: ocp.CheckpointManager, step: int) -> ModelConfig:
-  """The ModelConfig item of one step, read alone (no array is touched)."""
-  args = ocp.args.Composite(model_config=ocp.args.JsonRestore())
-  return ModelConfig.from_dict(manager.restore(step, args=args).model_config)
-
-
 def load_init_model(path: str, model_cfg: ModelConfig, *, sharding=None, reorder_units: bool = False,
                     seed: int = 0) -> DiT:
   """The weights a run starts from: a converted model dir or another workdir, made into `model_cfg`.
@@ -185,7 +148,6 @@ def load_init_model(path: str, model_cfg: ModelConfig, *, sharding=None, reorder
   checkpoint continues as is (or drops its routers for a plain-DiT config). Any other difference in
   geometry is an IncompatibleCheckpointError; a missing path a FileNotFoundError.
   """
-  from dydit_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from dydit_jax.models import dydit_init  # pylint: disable=g-import-not-at-top
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"config.init_checkpoint {path} does not exist (convert a DiT checkpoint "

@@ -28,9 +28,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dydit_jax import checkpoints
-from dydit_jax import sample as sampling
+from dydit_jax import checkpoints, images
 from dydit_jax.engine.plan import WidthPlan
+from dydit_jax.sampler import SampleOptions, Sampler, class_labels
 from dydit_jax.train import loop
 from dydit_jax.train.logging import read_metrics
 
@@ -79,15 +79,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     report[name] = _stage_report(summary, root / name)
 
   s = config.sample
-  labels = sampling.class_labels(range(config.model.num_classes), s.per_class)
-  options = sampling.SampleOptions(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale)
+  labels = class_labels(range(config.model.num_classes), s.per_class)
+  options = SampleOptions(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale)
   key = jax.random.PRNGKey(s.seed)
   models, results = {}, {}
   for name in ("dit", "dydit"):
     models[name] = checkpoints.load_model(str(root / name))
-    results[name] = result = sampling.generate(models[name], labels, key, options)
+    results[name] = result = Sampler(models[name], options).generate(labels, key)
     if jax.process_index() == 0:
-      sampling.save_grid(sampling.to_uint8(result.samples), root / f"samples_{name}.png", ncols=s.per_class)
+      images.save_grid(images.to_uint8(result.samples), root / f"samples_{name}.png", ncols=s.per_class)
     report[name]["sampling_flops_ratio"] = result.flops_ratio
     report[name]["sampling_macs_ratio_whole_forward"] = result.macs_ratio
     report[name]["sampling_open_fractions"] = {"heads": float(result.head.mean()),

@@ -1,6 +1,6 @@
 """The DyDiT fine-tuning recipe as small pure pieces for a jitted train step.
 
-Official recipe (shared/reference/dydit.md §3.2-§4; `DyDiT/train.py`, `DyDiT/loss.py`,
+Official recipe (DyDiT paper §3.2-§4; `DyDiT/train.py`, `DyDiT/loss.py`,
 `DyDiT/utils.py` of alibaba-damo-academy/DyDiT):
   L = L_diff(dynamic) + w_c * L_diff(complete) + 2 * (mean_b r_b - lambda_s)^2
 with r_b the per-sample block-MAC ratio (`dydit_jax.models.flops.macs_ratio`), lambda_s the

@@ -1,7 +1,7 @@
 """One training iteration as a pure function `train_step(state, batch) -> (state, metrics)`.
 
 The loop jits it once over the mesh (state donated, sharded by rule; batch split over data x fsdp).
-What one iteration does (shared/reference/dydit.md §3.3, §4.2):
+What one iteration does (DyDiT paper §3.3 and §4; the official `DyDiT/train.py`):
 
   t       stratified over the four quarters of [0, 1000) (or uniform), noise ~ N(0, I)
   loss  = mean_b L_diff(dynamic forward, Gumbel gates)                      mse + vb

@@ -103,7 +103,7 @@ def _layer_tables(cfg):
 def engine_branch_costs(engine: EngineBase, batch: int) -> BranchCosts:
   """Compiles and costs every block piece any layer of `engine` can run (XLA attention) at `batch`
   rows: each head capacity, each (group, token) capacity pair, the always-run rest, embed + final."""
-  spec = dataclasses.replace(engine.spec, attention_impl=None)
+  spec = dataclasses.replace(engine.spec, attention_impl="xla")
   cfg = spec.config
   state = engine.arrays["state"]
   block_def, block_state = nnx.split(nnx.merge(engine.graphdef, state).blocks)

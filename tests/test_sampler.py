@@ -1,4 +1,4 @@
-"""dydit_jax.sample: the chain equals the diffusion samplers, FLOPs statistics, grids, the CLI."""
+"""dydit_jax.sampler: the chain equals the diffusion samplers, FLOPs statistics; images; the sample CLI."""
 import dataclasses
 import json
 import subprocess
@@ -12,13 +12,14 @@ from flax import nnx
 from PIL import Image
 
 import train_helpers as th
-from dydit_jax import checkpoints, sample
+from dydit_jax import checkpoints, images
+from dydit_jax import sampler as sample
 from dydit_jax.diffusion import create_diffusion, ddim_sample, ddpm_sample
 from dydit_jax.diffusion.samplers import row_noise
 from dydit_jax.models import DiT, ModelConfig
 from dydit_jax.models.flops import layer_macs
-from dydit_jax.models.guidance import cfg_labels, forward_with_cfg
-from model_utils import randomize, randomize_routers
+from dydit_jax.diffusion.guidance import cfg_labels, forward_with_cfg
+from model_utils import CheckedSampler, randomize
 
 CFG = ModelConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
                   num_classes=4)
@@ -26,8 +27,8 @@ LABELS = np.array([0, 1, 3], np.int32)
 
 
 @pytest.fixture(scope="module")
-def dit():
-  return randomize(DiT(CFG, rngs=nnx.Rngs(0)), scale=0.05)
+def dit(tiny_dit):
+  return tiny_dit
 
 
 def _reference(model, sampler, steps, cfg_scale, key):
@@ -68,16 +69,18 @@ def test_flops_statistics_of_closed_routers():
   assert result.head.shape == (5, 2) and 0 < result.macs_ratio < 1
 
 
-def test_fast_engines_sample_what_the_masked_forward_samples():
-  """Same key, fp32: the engines' samples and statistics equal the masked path's."""
-  model = randomize_routers(randomize(DiT(CFG.replace(dynamic=True, num_heads=4), rngs=nnx.Rngs(2)),
-                                      scale=0.05), weight_scale=3.0)
+def test_fast_engines_sample_what_the_masked_forward_samples(tiny_dydit):
+  """Same key, fp32: every call of the engines' chains equals the masked model on the same input
+  (`checked`: relative L2 <= 1e-5 and the same routed tokens, else NaN samples), and the samples and
+  statistics equal the masked path's."""
+  model = tiny_dydit
   key = jax.random.PRNGKey(4)
   want = sample.generate(model, LABELS, key, sample.SampleOptions(steps="25", cfg_scale=3.0))
   assert 0.2 < want.flops_ratio < 0.9                         # mixed masks: something to skip
   for engine in ("buckets", "segments"):
-    got = sample.generate(model, LABELS, key, sample.SampleOptions(steps="25", cfg_scale=3.0, engine=engine,
-                                                                   segments=3))
+    options = sample.SampleOptions(steps="25", cfg_scale=3.0, engine=engine, segments=3)
+    got = CheckedSampler(model, options, reference=model).generate(LABELS, key)
+    assert np.isfinite(got.samples).all(), engine
     assert np.linalg.norm(got.samples - want.samples) <= 1e-4 * np.linalg.norm(want.samples)
     for field in ("head", "group", "token"):
       np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=1e-6)
@@ -86,37 +89,59 @@ def test_fast_engines_sample_what_the_masked_forward_samples():
   with pytest.raises(ValueError, match="needs a DyDiT"):
     sample.generate(DiT(CFG, rngs=nnx.Rngs(0)), LABELS, key, sample.SampleOptions(engine="buckets"))
   with pytest.raises(ValueError, match="engine must be"):
-    sample.generate(model, LABELS, key, sample.SampleOptions(engine="fast"))
+    sample.SampleOptions(engine="fast")
 
 
-def test_engine_sampler_compiles_once_for_many_batches():
-  """Batches through one EngineSampler reuse its plan and compiled chain, and each batch samples
-  what the masked forward samples for those labels and key (fp32, relative L2 <= 1e-4)."""
-  model = randomize_routers(randomize(DiT(CFG.replace(dynamic=True, num_heads=4), rngs=nnx.Rngs(2)),
-                                      scale=0.05), weight_scale=3.0)
+def test_a_wrong_call_fails_the_sampler_check(tiny_dydit):
+  """The check can fail: one head closed at one step of the engine's plan (a change that moves the
+  final sample by < 1e-6 relative) turns the checked samples into NaN."""
+  model = tiny_dydit
+  sampler = CheckedSampler(model, sample.SampleOptions(steps="25", cfg_scale=3.0, engine="buckets"), reference=model)
+  row = 12
+  layer = int(np.argmax(sampler.engine.plan.head_counts[row]))
+  head = jax.tree.map(np.array, sampler.arrays["tables"]["head"])
+  head["mask"][row, layer, head["idx"][row, layer, 0]] = 0.0
+  head["valid"][row, layer, 0] = 0.0
+  sampler.arrays = {**sampler.arrays, "tables": {**sampler.arrays["tables"], "head": jax.tree.map(jnp.asarray, head)}}
+  assert np.isnan(sampler.generate(LABELS, jax.random.PRNGKey(4)).samples).all()
+
+
+def test_sampler_compiles_once_for_many_batches(tiny_dydit):
+  """Batches through one Sampler reuse its plan and compiled chain, and each batch samples what the
+  masked forward samples for those labels and key (fp32, relative L2 <= 1e-4)."""
+  model = tiny_dydit
   options = sample.SampleOptions(steps="10", cfg_scale=3.0, engine="buckets")
-  sampler = sample.EngineSampler(model, options)
+  sampler = CheckedSampler(model, options, reference=model)
   for seed, labels in enumerate(([0, 1, 2, 3], [3, 3, 0, 1], [2, 0, 1, 1])):
     key = jax.random.PRNGKey(seed)
     got = sampler.generate(labels, key)
     want = sample.generate(model, labels, key, dataclasses.replace(options, engine="masked"))
+    assert np.isfinite(got.samples).all()                     # every call checked
     assert np.linalg.norm(got.samples - want.samples) <= 1e-4 * np.linalg.norm(want.samples)
     np.testing.assert_allclose(got.ratio, want.ratio, rtol=1e-5)
   assert sampler.traces == 1
-  with pytest.raises(ValueError, match="masked"):
-    sample.EngineSampler(model, sample.SampleOptions())
+  masked = sample.Sampler(model, dataclasses.replace(options, engine="masked"))
+  for seed in range(2):   # new weights (another model object), same program
+    other = randomize(nnx.clone(model), seed=seed + 5, scale=0.05)
+    masked.update(other)
+    key = jax.random.PRNGKey(seed)
+    got = masked.generate([0, 1, 2, 3], key)
+    np.testing.assert_array_equal(got.samples, sample.generate(other, [0, 1, 2, 3], key, masked.options).samples)
+  assert masked.traces == 1
+  with pytest.raises(ValueError, match="prebuilt engine"):
+    sample.Sampler(model, sample.SampleOptions(), engine=sampler.engine)
 
 
 def test_grid_layout_and_png(tmp_path):
-  images = np.stack([np.full((4, 4, 1), 10 * i, np.uint8) for i in range(5)])
-  grid = sample.make_grid(images, ncols=2, pad=1)
+  pictures = np.stack([np.full((4, 4, 1), 10 * i, np.uint8) for i in range(5)])
+  grid = images.make_grid(pictures, ncols=2, pad=1)
   assert grid.shape == (3 * 5 + 1, 2 * 5 + 1, 1)
   assert grid[1, 6, 0] == 10 and grid[11, 1, 0] == 40 and grid[11, 6, 0] == 0
-  path = sample.save_grid(images, tmp_path / "g.png", ncols=2)
+  path = images.save_grid(pictures, tmp_path / "g.png", ncols=2)
   assert np.asarray(Image.open(path)).shape == (3 * 6 + 2, 2 * 6 + 2)
-  np.testing.assert_array_equal(sample.to_uint8(np.array([[-1.0, 0.0, 1.0]])[..., None])[..., 0], [[0, 128, 255]])
+  np.testing.assert_array_equal(images.to_uint8(np.array([[-1.0, 0.0, 1.0]])[..., None])[..., 0], [[0, 128, 255]])
   with pytest.raises(ValueError, match="latents"):
-    sample.to_uint8(np.zeros((1, 4, 4, 4)))
+    images.to_uint8(np.zeros((1, 4, 4, 4)))
 
 
 def test_cli_on_a_model_directory(tmp_path, dit):
@@ -130,9 +155,8 @@ def test_cli_on_a_model_directory(tmp_path, dit):
   assert stats["flops_ratio"] == 1.0 and stats["labels"] == [0, 0, 0, 2, 2, 2]
 
 
-def test_cli_engine_bf16_on_a_dydit(tmp_path):
-  model = randomize_routers(randomize(DiT(CFG.replace(dynamic=True, num_heads=4), rngs=nnx.Rngs(2)),
-                                      scale=0.05), weight_scale=3.0)
+def test_cli_engine_bf16_on_a_dydit(tmp_path, tiny_dydit):
+  model = tiny_dydit
   checkpoints.save_model(model, tmp_path / "model")
   out = tmp_path / "grid.png"
   proc = subprocess.run([sys.executable, "-m", "dydit_jax.sample", f"--model={tmp_path / 'model'}",
@@ -147,7 +171,7 @@ def test_cli_engine_bf16_on_a_dydit(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "dydit_jax.sample", f"--model={tmp_path / 'model'}",
                         "--classes=0,9", f"--out={tmp_path / 'bad.png'}"], cwd=th.REPO, env=th.env(),
                        capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 2 and "error: labels must lie in [0, 4)" in bad.stderr
+  assert bad.returncode == 1 and "error: labels must lie in [0, 4)" in bad.stderr
   assert "Traceback" not in bad.stderr and not (tmp_path / "bad.png").exists()
 
 
@@ -156,8 +180,10 @@ def test_masked_chain_traces_at_full_size():
   # sizes trigger shows here, e.g. MAC constants beyond int32 (that crashed XL sampling on jax 0.11).
   from dydit_jax.models import model_config
   cfg = model_config("DiT-XL/2", 256, dynamic=True)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
-  run, timesteps = sample._compiled(graphdef, cfg.learn_sigma, sample.SampleOptions("ddpm", "2", cfg_scale=1.5))
-  samples, stats = jax.eval_shape(run, state, jnp.zeros((2,), jnp.int32), jax.random.PRNGKey(0))
-  assert samples.shape == (2, 32, 32, 4) and len(timesteps) == 2
-  assert stats["head"].shape == (2, cfg.depth) and stats["macs"].shape == (2,)
+  sampler = sample.Sampler(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))),
+                           sample.SampleOptions("ddpm", "2", cfg_scale=1.5))
+  program = sampler._program(0, sampler.positions, 2, None, first=True)
+  ids = jnp.arange(2, dtype=jnp.int32)
+  samples, stats = jax.eval_shape(program, sampler.arrays, None, ids, ids, jax.random.PRNGKey(0))
+  assert samples.shape == (4, 32, 32, 4) and len(sampler.timesteps) == 2
+  assert stats["head"].shape == (2, cfg.depth) and stats["kept"].shape == (2, cfg.depth, 4)

@@ -7,11 +7,10 @@ a model routes is to run it. Two ways:
   999..0 (one per sample) with labels 0, 1, ...: one forward, cheap and deterministic; close to the
   real inputs at high noise only (real x_t near t = 0 are clean latents). The synthetic routers are
   calibrated on it.
-- a real sampling chain of the eval-mode model on a few images: `dydit_jax.sample.generate` records
+- a real sampling chain of the eval-mode model on a few images: `dydit_jax.sampler.Sampler` records
   per call and layer the fraction the call routes (`SampleResult.token`). The inputs are then the
-  sampler's own x_t: on a DDIM-50 chain of DiT-S/2 with random weights the routed fraction drifted
-  from 0.85 (calibration batch) to ~0.7, and capacities fitted to the calibration batch computed 1.23x
-  the analytic MACs (DDPM-250 with 50 of its steps: 1.09x). The benchmark uses this by default.
+  sampler's own x_t, whose routed fractions drift away from the calibration batch's (measured in
+  docs/benchmarks.md, "token capacities"), so the benchmark fits its capacities to this by default.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Classifier-free guidance with the official DiT semantics (shared/reference/dit.md §4.2).
+"""Classifier-free guidance with the official DiT semantics (DiT's `forward_with_cfg`, Peebles & Xie 2023).
 
 The batch is doubled: rows [0, N) carry the class labels, rows [N, 2N) the null class. As in the
 official `forward_with_cfg`, only the first half of `x` is used (duplicated), and guidance is applied
@@ -9,12 +9,15 @@ conditional half (the one samplers keep) uses conditional values.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 LEGACY_GUIDED_CHANNELS = 3
+
+# forward(x, t_original (B,), y (B,), row) -> (model output, aux pytree); row = sampling-order position.
+Forward = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 def forward_with_cfg(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], x: jax.Array,
@@ -32,3 +35,28 @@ def forward_with_cfg(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.A
 def cfg_labels(labels: jax.Array, num_classes: int) -> jax.Array:
   """[labels, null, ..., null]: the label half-batch followed by as many null-class rows."""
   return jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
+
+
+def guided(forward: Forward, labels: jax.Array, *, cfg_scale: float | None, num_classes: int):
+  """(x, t, row) -> (output, aux): the conditional forward, or CFG on a doubled batch of x.
+
+  The chain's forward for `run_chain`, for any model: the masked DiT / DyDiT or an engine (whose aux
+  reports routed-token counts). With CFG, x holds 2N rows (only the first N are read, as in the
+  official `forward_with_cfg`), labels the N class ids; the null class fills the second half.
+  """
+  if cfg_scale is None:
+    return lambda x, t, row: forward(x, t, labels, row)
+  y = cfg_labels(labels, num_classes)
+
+  def run(x, t, row):
+    aux = []
+
+    def model_fn(xx, tt, yy):  # called exactly once, in this trace, by forward_with_cfg
+      out, a = forward(xx, tt, yy, row)
+      aux.append(a)
+      return out
+
+    out = forward_with_cfg(model_fn, x, t, y, cfg_scale)
+    return out, aux[0]
+
+  return run

@@ -1,4 +1,4 @@
-"""Train-step throughput: `python -m dydit_jax.train.benchmark --model DiT-XL/2 --batch 32 --dtype bfloat16`.
+"""Train-step throughput: `python -m dydit_jax.bench.train_step --model DiT-XL/2 --batch 32 --dtype bfloat16`.
 
 Times the real jitted train step (`train.step.make_train_step`: dynamic forward with Gumbel gates,
 MSE+VB, FLOPs loss, optional complete-model forward, clip-then-skip, AdamW, EMA) on synthetic
@@ -12,14 +12,16 @@ No clu / TensorFlow import: this runs on a bare GPU image.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-from dydit_jax.bench import matmul_rate
+from dydit_jax import cli
+from dydit_jax.bench.measure import matmul_rate
+from dydit_jax.errors import UserError
 from dydit_jax.models import model_config
 from dydit_jax.models.flops import dense_macs
 from dydit_jax.train import sharding
@@ -29,7 +31,7 @@ from dydit_jax.train.step import make_train_step
 
 
 def run(model: str, batch: int, dtype: str, steps: int, complete: bool, remat: bool,
-        attention: str | None, matmul_size: int, fsdp: int = 1) -> dict:
+        attention: str = "xla", matmul_size: int = 8192, fsdp: int = 1) -> dict:
   config = base_config()
   cfg = model_config(model, 256, dynamic=True, dtype=dtype, remat=remat, attention_impl=attention)
   tx = make_optimizer(config.optimizer)
@@ -56,28 +58,33 @@ def run(model: str, batch: int, dtype: str, steps: int, complete: bool, remat: b
   peak = matmul_rate(matmul_size) * jax.device_count()
   return {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
           "model": model, "batch": batch, "dtype": dtype, "complete_loss": complete, "remat": remat,
-          "attention": attention or "xla", "compile_s": round(compile_s, 1),
+          "attention": cfg.attention_impl, "compile_s": round(compile_s, 1),
           "steps_per_s": round(1 / step_s, 3), "images_per_s": round(batch / step_s, 1),
           "model_tflops": round(achieved, 1), "matmul_tflops": round(peak, 1),
           "mfu": round(achieved / peak, 3), "loss": float(metrics["loss"])}
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="DiT-XL/2")
-  parser.add_argument("--batch", type=int, default=32, help="global batch (images)")
-  parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--complete", action="store_true", help="add the complete-model forward")
-  parser.add_argument("--remat", action="store_true")
-  parser.add_argument("--attention", default=None, help="None/xla or cudnn")
-  parser.add_argument("--matmul-size", type=int, default=8192)
-  parser.add_argument("--fsdp", type=int, default=1, help="FSDP axis size of the mesh (as mesh.fsdp)")
-  args = parser.parse_args(argv)
-  attention = None if args.attention in (None, "xla") else args.attention
-  print(json.dumps(run(args.model, args.batch, args.dtype, args.steps, args.complete, args.remat,
-                       attention, args.matmul_size, args.fsdp)))
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("model", "DiT-XL/2", "registry name")
+  flags.DEFINE_integer("batch", 32, "global batch (images)")
+  flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
+  flags.DEFINE_integer("steps", 10, "timed steps")
+  flags.DEFINE_bool("complete", False, "add the complete-model forward")
+  flags.DEFINE_bool("remat", False, "rematerialize blocks in the backward pass")
+  flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "attention implementation")
+  flags.DEFINE_integer("matmul_size", 8192, "n of the n^3 matmul rate")
+  flags.DEFINE_integer("fsdp", 1, "FSDP axis size of the mesh (as mesh.fsdp)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  print(json.dumps(run(FLAGS.model, FLAGS.batch, FLAGS.dtype, FLAGS.steps, FLAGS.complete, FLAGS.remat,
+                       FLAGS.attention, FLAGS.matmul_size, FLAGS.fsdp)))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

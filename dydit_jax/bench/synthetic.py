@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dydit_jax.engine.calibration import token_fraction_fn
+from dydit_jax.bench.calibration import token_fraction_fn
 from dydit_jax.models import flops
 from dydit_jax.models.dit import DiT
 
@@ -90,7 +90,7 @@ def _set_token_routers(model: DiT, rng: np.random.Generator) -> None:
 def calibrate_token_routers(model: DiT, keep: float, *, seed: int = 0, batch: int = 8,
                             iters: int = 20) -> np.ndarray:
   """Token routers logit = x.u + b_l (random unit u per layer), b_l bisected so the eval-mode model
-  routes a fraction `keep` of tokens per layer on the calibration batch (`engine.calibration`); in
+  routes a fraction `keep` of tokens per layer on the calibration batch (`bench.calibration`); in
   place. Returns the achieved (B, L) per-sample fractions (sample b at its own timestep).
   """
   cfg = model.config
