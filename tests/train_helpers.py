@@ -6,9 +6,11 @@ cache, so the many identical tiny programs compile once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +21,9 @@ from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "tests/train_tiny_config.py"
+TINY_ARG = "steps=2,every=2,complete=0"
+# absl's log line prefix: severity, date, time, thread id, file:line]
+ABSL_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ \]]+:\d+\] ")
 
 
 def env(devices: int = 1, cache_dir=None) -> dict[str, str]:
@@ -111,3 +116,31 @@ def max_abs_error(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
   """max |a - b| over every element of every array: one number for 'same training state'."""
   assert a.keys() == b.keys()
   return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def error_line(result) -> str:
+  """The one `error:` line of a failed run: exit status 1, no traceback, nothing else but absl logs."""
+  assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip() and not ABSL_LOG_LINE.match(line)]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  return lines[0]
+
+
+def tree_hash(root) -> dict[str, str]:
+  """{relative path: sha256} of every file under root (empty directories as entries too)."""
+  root = pathlib.Path(root)
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+          for p in sorted(root.rglob("*"))}
+
+
+def run_fails(workdir, *flags, config=TINY, arg=TINY_ARG) -> str:
+  """Run the entry point with bad input: the error line, after checking nothing was written."""
+  before = tree_hash(workdir) if pathlib.Path(workdir).exists() else None
+  result = run_main(workdir, arg, *flags, config=config, expect_ok=False, timeout=120)
+  line = error_line(result)
+  if before is None:
+    assert not pathlib.Path(workdir).exists(), "a refused run created its workdir"
+  else:
+    assert tree_hash(workdir) == before, "a refused run changed its workdir"
+  return line

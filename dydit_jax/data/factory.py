@@ -17,6 +17,7 @@ from dydit_jax.data.latents import LatentShardSource
 from dydit_jax.data.mnist import MnistSource
 from dydit_jax.data.pipeline import BatchIterator, Source
 from dydit_jax.data.synthetic import SyntheticSource
+from dydit_jax.errors import UserError
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -35,7 +36,8 @@ def _synthetic(config: Any) -> Source:
 def _latents(config: Any) -> Source:
   path = _get(config, "path")
   if not path:
-    raise ValueError('Dataset "latents" needs config.path, the folder prepare_imagenet wrote.')
+    raise UserError('Dataset "latents" needs config.path, the folder `python -m dydit_jax.prepare` '
+                    '(prepare_imagenet) wrote.')
   return LatentShardSource(path)
 
 
@@ -54,10 +56,10 @@ def make_dataset(config: Any, *, process_index: int | None = None,
   """
   name = _get(config, "name")
   if name not in SOURCES:
-    raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(SOURCES)}.")
+    raise UserError(f"Unknown dataset {name!r}; choose one of {sorted(SOURCES)}.")
   batch_size = _get(config, "global_batch_size")
   if batch_size is None:
-    raise ValueError("The data config needs global_batch_size (summed over hosts).")
+    raise UserError("The data config needs global_batch_size (summed over hosts).")
   return BatchIterator(SOURCES[name](config), int(batch_size), seed=_get(config, "seed", 0),
                        process_index=process_index, process_count=process_count,
                        num_threads=_get(config, "num_threads"))

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from dydit_jax.data.latents import LatentShardWriter, read_metadata
+from dydit_jax.errors import UserError
 
 LATENT_SCALE = 0.18215          # SD VAE latent scale used by DiT (multiply after encode)
 IMAGENET_CLASSES = 1000
@@ -127,9 +128,9 @@ def prepare_imagenet(manual_dir: str, out_dir: str, image_size: int = 256,
     The metadata written to out_dir/metadata.json.
   """
   if encoder is None:
-    raise ValueError(NO_ENCODER_MESSAGE)
+    raise UserError(NO_ENCODER_MESSAGE)
   if image_size not in (256, 512):
-    raise ValueError(f"image_size must be 256 or 512 (the DiT resolutions), got {image_size}.")
+    raise UserError(f"image_size must be 256 or 512 (the DiT resolutions), got {image_size}.")
   import tensorflow as tf               # Lazy: TensorFlow is only needed to prepare data.
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")   # Leave the accelerator to the encoder.

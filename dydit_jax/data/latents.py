@@ -26,6 +26,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 import grain
 import numpy as np
 
+from dydit_jax.errors import UserError
+
 METADATA_FILE = "metadata.json"
 FORMAT = "dydit_jax.latents.v1"
 _LABEL = np.dtype("<i4")
@@ -56,9 +58,9 @@ class LatentShardWriter:
       extra_metadata: more JSON-able facts to record (split, flip, seed, encoder ...).
     """
     if os.path.exists(os.path.join(out_dir, METADATA_FILE)):
-      raise FileExistsError(f"{out_dir} already holds prepared latents ({METADATA_FILE}).")
+      raise UserError(f"{out_dir} already holds prepared latents ({METADATA_FILE}); choose a new folder.")
     if num_shards <= 0:
-      raise ValueError(f"num_shards must be positive, got {num_shards}.")
+      raise UserError(f"num_shards must be positive, got {num_shards}.")
     self.out_dir = out_dir
     self.dtype = np.dtype(dtype).newbyteorder("<")
     self.count = 0
@@ -121,11 +123,11 @@ def read_metadata(path: str) -> dict[str, Any]:
         "is empty" if not os.listdir(path) else f"has no {METADATA_FILE} (unfinished?)")
     raise FileNotFoundError(
         f"Latent folder {path!r} {state}: expected array_record shards and {METADATA_FILE} "
-        "written by dydit_jax.data.prepare_imagenet (or LatentShardWriter).")
+        "written by `python -m dydit_jax.prepare` (dydit_jax.data.prepare_imagenet or LatentShardWriter).")
   with open(meta_path) as f:
     metadata = json.load(f)
   if metadata.get("format") != FORMAT:
-    raise ValueError(f"{meta_path} has format {metadata.get('format')!r}, expected {FORMAT!r}.")
+    raise UserError(f"{meta_path} has format {metadata.get('format')!r}, expected {FORMAT!r}.")
   return metadata
 
 
@@ -150,8 +152,8 @@ class LatentShardSource:
                               f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
     self._records = grain.sources.ArrayRecordDataSource(shards)
     if len(self._records) != self.metadata["count"]:
-      raise ValueError(f"Latent folder {path!r} holds {len(self._records)} records, "
-                       f"its metadata says {self.metadata['count']}.")
+      raise UserError(f"Latent folder {path!r} holds {len(self._records)} records, "
+                      f"its metadata says {self.metadata['count']}.")
 
   def __len__(self) -> int:
     return len(self._records)

@@ -30,6 +30,8 @@ import grain
 import jax
 import numpy as np
 
+from dydit_jax.errors import UserError
+
 Batch = dict[str, np.ndarray]
 
 
@@ -78,12 +80,12 @@ class BatchIterator:
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f"process_index {self.process_index} outside [0, {self.process_count}).")
     if global_batch_size <= 0 or global_batch_size % self.process_count:
-      raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple "
-                       f"of process_count {self.process_count}.")
+      raise UserError(f"global_batch_size {global_batch_size} must be a positive multiple "
+                      f"of process_count {self.process_count}.")
     if not 0 <= seed < 2**32:
-      raise ValueError(f"seed must lie in [0, 2**32), got {seed}.")
+      raise UserError(f"seed must lie in [0, 2**32), got {seed}.")
     if len(source) == 0:
-      raise ValueError(f"Source {source!r} is empty.")
+      raise UserError(f"Source {source!r} is empty.")
     self.seed = int(seed)
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // self.process_count
@@ -130,11 +132,11 @@ class BatchIterator:
   def set_state(self, state: dict[str, int]) -> None:
     """Continues from a `get_state()` result, possibly saved by another host layout."""
     if int(state["seed"]) != self.seed:
-      raise ValueError(f"Data state was saved with seed {state['seed']}, but this iterator "
-                       f"uses seed {self.seed}; the example streams would differ.")
+      raise UserError(f"Data state was saved with seed {state['seed']}, but this iterator "
+                      f"uses seed {self.seed}; the example streams would differ.")
     if not 0 <= int(state["index"]) < len(self.source):
-      raise ValueError(f"Data state index {state['index']} is outside this source of "
-                       f"{len(self.source)} examples (was it saved for another dataset?).")
+      raise UserError(f"Data state index {state['index']} is outside this source of "
+                      f"{len(self.source)} examples (was it saved for another dataset?).")
     self._seek(int(state["epoch"]) * len(self.source) + int(state["index"]))
 
   def close(self) -> None:

@@ -4,7 +4,7 @@
 `config_flags` with the config LOCKED, so a field that is not defined here (a typo) is an error,
 both in a config file and on the command line (`--config.optimizer.lr=2e-5`).
 
-Recipe defaults (shared/reference/dydit.md §4, the official lambda=0.5 XL scripts): AdamW, constant
+Recipe defaults (DyDiT paper §4 and Table 6, the official lambda=0.5 XL scripts): AdamW, constant
 lr 1e-4, betas (0.9, 0.999), no weight decay, global batch 256, EMA 0.9999 every step (routers
 included), lambda ramp 1000 steps after a 100-step hold at 1, FLOPs-loss weight 2, complete-model
 auxiliary loss for the first 30k steps, clip-then-skip at grad norm 200, stratified timesteps.
@@ -14,7 +14,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from dydit_jax.models.config import ModelConfig, model_config
+from dydit_jax.errors import UserError
+from dydit_jax.models.config import MODEL_NAMES, ModelConfig, model_config
 from dydit_jax.train.dydit_objectives import FLOPS_LOSS_WEIGHT, LAMBDA_HOLD_STEPS
 
 
@@ -28,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_checkpoint = ""           # a converted model dir (convert.py) or a dydit_jax workdir
   c.from_scratch = False           # random init (DiT pre-training, tests)
   c.reorder_units = False          # sort heads / MLP units by magnitude before adding routers
+  # Resume even when the config changes what the workdir's saved state means (train/resume.py).
+  c.allow_config_change = False
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "DiT-XL/2"        # registry name; the fields below override its geometry if > 0
@@ -137,43 +140,98 @@ def build_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
                       **overrides)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Errors a run would otherwise hit late (or never, silently): check them before any work."""
-  if config.mode not in ("train", "demo"):
-    raise ValueError(f"config.mode must be 'train' or 'demo', got {config.mode!r}")
-  if bool(config.init_checkpoint) == bool(config.from_scratch):
-    raise ValueError("set exactly one of config.init_checkpoint (a converted DiT dir or a workdir to "
-                     "fine-tune from) and config.from_scratch=True")
-  if config.batch_size <= 0 or config.total_steps <= 0:
-    raise ValueError("config.batch_size and config.total_steps must be positive")
-  if not 0.0 < config.dydit.lam <= 1.0:
-    raise ValueError(f"config.dydit.lam must lie in (0, 1], got {config.dydit.lam}")
-  if config.batch_size % config.dydit.flops_groups:
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by dydit.flops_groups "
-                     f"{config.dydit.flops_groups}")
-  if config.sample.sampler not in ("ddpm", "ddim"):
-    raise ValueError(f"config.sample.sampler must be 'ddpm' or 'ddim', got {config.sample.sampler!r}")
-  build_model_config(config.model)
+def convert_command(model: ml_collections.ConfigDict) -> str:
+  """The command that makes config.init_checkpoint for `model` from the official PyTorch weights."""
+  res = model.image_size
+  return (f"python -m dydit_jax.convert --src {model.name.replace('/', '-')}-{res}x{res}.pt --dst DIR "
+          f"--model {model.name}")
 
 
-def imagenet_finetune(model_name: str, arg: str | None, *, steps: int, complete_steps: int
-                      ) -> ml_collections.ConfigDict:
-  """DiT -> DyDiT fine-tuning on ImageNet latents, shared by configs/s.py, b.py and xl.py.
+def prepare_command(model: ml_collections.ConfigDict) -> str:
+  """The command that makes config.data.path (ImageNet latents) for `model`."""
+  return (f"python -m dydit_jax.prepare --manual_dir IMAGENET_TARS_DIR --out_dir DIR "
+          f"--image_size {model.image_size}")
 
-  `arg` keys: lam (target FLOPs ratio), res (256 | 512 pixels), bf16 (compute dtype), fsdp (size of
-  the fsdp mesh axis), scratch (train a plain DiT from scratch instead: DiT's own recipe).
+
+def validate(config: ml_collections.ConfigDict, *, resuming: bool = False) -> None:
+  """Errors a run would otherwise hit late (or never, silently): check them before any work.
+
+  Each is a `UserError` naming the field, its value and what is allowed. `resuming`: the workdir
+  holds a checkpoint, which the run starts from, so neither init_checkpoint nor from_scratch is needed.
   """
-  a = parse_arg(arg, lam=0.5, res=256, bf16=False, fsdp=1, scratch=False)
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      raise UserError(message)
+
+  need(config.mode in ("train", "demo"), f"config.mode must be 'train' or 'demo', got {config.mode!r}")
+  need(not (config.init_checkpoint and config.from_scratch),
+       "set exactly one of config.init_checkpoint (a converted DiT dir or a workdir to fine-tune from) "
+       "and config.from_scratch=True, not both")
+  need(resuming or bool(config.init_checkpoint) or config.from_scratch,
+       "set exactly one of config.init_checkpoint (a converted DiT dir or a workdir to fine-tune from: "
+       f"{convert_command(config.model)}, then --config.init_checkpoint=DIR) and config.from_scratch=True")
+  positive = {"batch_size": config.batch_size, "total_steps": config.total_steps,
+              "log_every": config.log_every, "checkpoint.every": config.checkpoint.every,
+              "checkpoint.keep": config.checkpoint.keep, "dydit.flops_groups": config.dydit.flops_groups}
+  for field, value in positive.items():
+    need(value > 0, f"config.{field} must be positive, got {value}")
+  need(config.sample.every >= 0, f"config.sample.every must be >= 0 (0 = off), got {config.sample.every}")
+  need(0.0 < config.dydit.lam <= 1.0, f"config.dydit.lam must lie in (0, 1], got {config.dydit.lam}")
+  need(0.0 <= config.ema_decay <= 1.0, f"config.ema_decay must lie in [0, 1], got {config.ema_decay}")
+  need(config.optimizer.lr >= 0, f"config.optimizer.lr must be >= 0, got {config.optimizer.lr}")
+  need(config.dydit.complete_steps >= -1,
+       f"config.dydit.complete_steps must be >= -1 (-1 = whole run), got {config.dydit.complete_steps}")
+  need(config.batch_size % config.dydit.flops_groups == 0,
+       f"config.batch_size {config.batch_size} is not divisible by config.dydit.flops_groups "
+       f"{config.dydit.flops_groups}")
+  need(config.mesh.fsdp >= 1 and (config.mesh.data == -1 or config.mesh.data >= 1),
+       f"config.mesh wants fsdp >= 1 and data >= 1 (or -1 = the rest), got data={config.mesh.data} "
+       f"fsdp={config.mesh.fsdp}")
+  need(config.sample.sampler in ("ddpm", "ddim"),
+       f"config.sample.sampler must be 'ddpm' or 'ddim', got {config.sample.sampler!r}")
+  # Imported here: the data package pulls in grain, which config files (imported by flag parsing) skip.
+  from dydit_jax.data.factory import SOURCES  # pylint: disable=g-import-not-at-top
+  need(config.data.name in SOURCES, f"config.data.name must be one of {', '.join(sorted(SOURCES))}, "
+       f"got {config.data.name!r}")
+  need(config.model.name in MODEL_NAMES,
+       f"config.model.name: unknown model {config.model.name!r}; choose one of {', '.join(MODEL_NAMES)}")
+  try:
+    build_model_config(config.model)
+  except ValueError as e:   # UserError included: the geometry the config.model fields describe
+    raise UserError(f"config.model: {e}") from e
+
+
+# DiT -> DyDiT fine-tuning per model size (DyDiT paper Table 6): steps, and the steps of the
+# complete-model warm-up loss (0 for S and B; 30k for XL).
+FINETUNE_RECIPES = {"S": dict(steps=50_000, complete_steps=0), "B": dict(steps=100_000, complete_steps=0),
+                    "XL": dict(steps=200_000, complete_steps=30_000)}
+
+
+def imagenet_finetune(arg: str | None, sizes: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """DiT -> DyDiT fine-tuning on ImageNet latents, the one recipe of configs/imagenet.py and xl.py.
+
+  `arg` keys: size (one of `sizes`, default the first: the DiT-<size>/2 model), lam (target FLOPs
+  ratio), res (256 | 512 pixels), bf16 (compute dtype), fsdp (size of the fsdp mesh axis), scratch
+  (train a plain DiT from scratch instead: DiT's own recipe).
+  """
+  a = parse_arg(arg, size=sizes[0], lam=0.5, res=256, bf16=False, fsdp=1, scratch=False)
+  if a.size not in sizes:
+    raise UserError(f"config argument size must be one of {', '.join(sizes)} here, got {a.size!r}")
   c = base_config()
-  c.model.name = model_name
+  c.model.name = f"DiT-{a.size}/2"
   c.model.image_size = a.res
   c.model.dtype = "bfloat16" if a.bf16 else "float32"
   c.mesh.fsdp = a.fsdp
   c.data.name = "latents"
-  c.total_steps = steps
+  c.total_steps = FINETUNE_RECIPES[a.size]["steps"]
   c.dydit.lam = a.lam
-  c.dydit.complete_steps = complete_steps
+  c.dydit.complete_steps = FINETUNE_RECIPES[a.size]["complete_steps"]
   c.dydit.flops_groups = 8           # the official loss: per-GPU squares over 8 GPUs x 32 samples
+  if a.size == "XL" and a.lam >= 0.7 and not a.scratch:
+    # The released lambda=0.7 script (DyDiT/train0.7.sh): lower lr, longer ramp, tighter skip.
+    c.optimizer.lr = 2.5e-5
+    c.dydit.lambda_warmup_steps = 5000
+    c.grad_clip_norm = 50.0
   if a.scratch:
     # DiT (Peebles & Xie): same AdamW / batch / EMA, no clipping, uniform t, no routers; 400k steps
     # is the paper's ablation length (XL/2 reached 7M).

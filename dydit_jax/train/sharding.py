@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dydit_jax.errors import UserError
+
 DATA_AXES = ("data", "fsdp")
 
 
@@ -24,11 +26,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   n = len(devices)
   if fsdp <= 0 or n % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must be positive and divide the {n} devices")
+    raise UserError(f"mesh.fsdp={fsdp} must be positive and divide the {n} devices")
   if data == -1:
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
+    raise UserError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
   # Auto axes: XLA's sharding propagation places the activations (the model code has no sharding
   # annotations), as opposed to JAX's explicit-sharding mode.
   return jax.make_mesh((data, fsdp), DATA_AXES, devices=devices, axis_types=(AxisType.Auto,) * 2)
@@ -123,7 +125,7 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
     process_id = int(os.environ.get("DYDIT_PROCESS_ID", "-1"))
   if coordinator or num_processes:
     if not (coordinator and num_processes > 0 and 0 <= process_id < num_processes):
-      raise ValueError("a multi-host run needs all of coordinator (host:port), num_processes and "
+      raise UserError("a multi-host run needs all of coordinator (host:port), num_processes and "
                        f"process_id; got {coordinator!r}, {num_processes}, {process_id}")
     # Cross-process collectives between CPU devices (tests, CPU clusters) need gloo; GPUs and TPUs
     # do not use this setting.
