@@ -85,6 +85,17 @@ def _unknown_field(error: Exception, argv: list[str]) -> str | None:
   return f"config has no field {key}" + (f" (did you mean {suggestion}?)" if suggestion else "")
 
 
+def _locked_field(error: Exception, config_file: str) -> str | None:
+  """'config file F sets field X, which does not exist (did you mean Y?)' when a config file assigns
+  a field base_config() does not define (the config comes locked), else None."""
+  match = re.search(r'Key "([^"]+)" does not exist and cannot be added since the config is locked', str(error))
+  if not match:
+    return None
+  hint = re.search(r'Did you mean "([^"]+)"', str(error))
+  return (f"config file {config_file} sets field {match.group(1)!r}, which the config does not have"
+          + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (app.run's flags_parser) with every mistake as one `error:` line."""
   config_arg = _flag_value(argv, "config")
@@ -105,7 +116,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     cli.fail(cli.flag_error(e))
   except (KeyError, AttributeError) as e:
-    message = _unknown_field(e, argv)
+    message = _unknown_field(e, argv) or _locked_field(e, (config_arg or "").split(":", 1)[0])
     if message is None:
       raise
     cli.fail(message)

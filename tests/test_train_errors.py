@@ -107,8 +107,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_config_typos_in_code_and_arguments():
-  c = train_tiny_config.get_config()
-  c.lock()
+  c = train_tiny_config.get_config()           # base_config() comes locked: config files cannot add fields
   with pytest.raises(AttributeError, match="optimzer"):
     c.optimzer = 1
   with pytest.raises(ValueError, match="lamda"):
@@ -117,6 +116,14 @@ def test_config_typos_in_code_and_arguments():
     validate(tiny(init_checkpoint="/somewhere"))
   with pytest.raises(ValueError, match="unknown model"):
     validate(tiny(**{"model.name": "DiT-M/2"}))
+
+
+def test_typo_inside_a_config_file(tmp_path):
+  bad = tmp_path / "bad_config.py"
+  bad.write_text("from dydit_jax.train.config import base_config\n\n\ndef get_config(arg=None):\n"
+                 "  c = base_config()\n  c.optimizer.lrr = 1e-3\n  return c\n")
+  line = th.run_fails(tmp_path / "wd", config=str(bad), arg="")
+  assert line == f"error: config file {bad} sets field 'lrr', which the config does not have (did you mean 'lr'?)"
 
 
 def test_missing_init_checkpoint(tmp_path):

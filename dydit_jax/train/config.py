@@ -1,8 +1,8 @@
 """The training config schema: every field a run may set, with the DyDiT recipe as defaults.
 
-`configs/*.py` start from `base_config()` and change values; main.py loads them through
-`config_flags` with the config LOCKED, so a field that is not defined here (a typo) is an error,
-both in a config file and on the command line (`--config.optimizer.lr=2e-5`).
+`configs/*.py` start from `base_config()`, which comes LOCKED, and change values; main.py loads them
+through `config_flags` (locked too), so a field that is not defined here (a typo) is an error, both
+in a config file and on the command line (`--config.optimizer.lr=2e-5`).
 
 Recipe defaults (DyDiT paper §4 and Table 6, the official lambda=0.5 XL scripts): AdamW, constant
 lr 1e-4, betas (0.9, 0.999), no weight decay, global batch 256, EMA 0.9999 every step (routers
@@ -105,6 +105,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.per_class = 1
   c.sample.seed = 0
   c.sample.use_ema = True
+
+  c.demo = ml_collections.ConfigDict()   # mode "demo" only: stage 1 (plain DiT) of train/demo.py
+  c.demo.dit_steps = 600
+  c.demo.dit_lr = 2e-3
+  c.demo.dit_ema_decay = 0.99
+  c.lock()                         # a typo in a config file is an error, as on the command line
   return c
 
 
