@@ -167,7 +167,7 @@ class Sampler:
       kept = jnp.sum(masks["token"] > 0.5, axis=-1, dtype=jnp.int32).T
       return out, {"head": heads.mean(0), "group": groups.mean(0), "kept": kept}
 
-    return [(np.arange(len(sampling_timesteps(self.diffusion))), masked)]
+    return [(np.arange(self.diffusion.num_timesteps), masked)]
 
   # Placement --------------------------------------------------------------------------------------
   def _mesh(self, num_images: int) -> Mesh | None:
