@@ -34,7 +34,8 @@ setup(
     install_requires=CORE,
     extras_require={
         "convert": TORCH,
-        "test": TORCH + ["pytest>=8", "pytest-timeout>=2"],
+        # diffusers: the PyTorch AutoencoderKL the VAE parity tests compare with (random weights, offline).
+        "test": TORCH + ["pytest>=8", "pytest-timeout>=2", "diffusers==0.42.1"],
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },

@@ -38,6 +38,7 @@ from dydit_jax.errors import UserError
 from dydit_jax.models import DiT, ModelConfig
 
 CONFIG_FILE = "config.json"
+VAE_CONFIG_FILE = "vae_config.json"   # a VAE directory (dydit_jax.vae): the same layout, its own config
 PARAMS_DIR = "params"
 CHECKPOINT_DIR = "checkpoints"     # of a training workdir
 
@@ -59,8 +60,9 @@ def check_destination(dst: os.PathLike | str, overwrite: bool) -> Path:
 
 
 def write_model_dir(dst: os.PathLike | str, params: dict[str, Any], config: ModelConfig, *,
-                    overwrite: bool = False) -> Path:
-  """Atomically write `params` (a pure dict of arrays, NNX state layout) and `config` to `dst`."""
+                    overwrite: bool = False, config_file: str = CONFIG_FILE) -> Path:
+  """Atomically write `params` (a pure dict of arrays, NNX state layout) and `config` (anything with
+  `to_json()`, e.g. a VAE config under its own `config_file` name) to `dst`."""
   dst = check_destination(dst, overwrite)
   dst.parent.mkdir(parents=True, exist_ok=True)
   tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -68,7 +70,7 @@ def write_model_dir(dst: os.PathLike | str, params: dict[str, Any], config: Mode
   try:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / PARAMS_DIR, params)
-    (tmp / CONFIG_FILE).write_text(config.to_json())
+    (tmp / config_file).write_text(config.to_json())
     if dst.exists():
       # Keep the old directory until the new one is in place, then drop it.
       old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
@@ -97,13 +99,17 @@ def _resolve(path: epath.Path, step: int | None, use_ema: bool) -> tuple[epath.P
   if (path / CHECKPOINT_DIR).is_dir():
     return resolve_workdir(str(path), step=step, use_ema=use_ema)
   config_file, params_dir = path / CONFIG_FILE, path / PARAMS_DIR
+  if (path / VAE_CONFIG_FILE).is_file():
+    raise FileNotFoundError(f"{path} holds a VAE ({VAE_CONFIG_FILE}), not a DiT / DyDiT; load it with "
+                            "dydit_jax.vae.load_vae")
   if not (config_file.is_file() and params_dir.is_dir()):
     raise FileNotFoundError(f"{path} is neither a model directory ({CONFIG_FILE} and {PARAMS_DIR}/) nor a "
                             "training workdir (checkpoints/); write one with `python -m dydit_jax.convert`")
   return params_dir, ModelConfig.from_json(config_file.read_text())
 
 
-def _abstract_target(abstract_state: nnx.State, sharding: ShardingSpec | None) -> dict[str, Any]:
+def abstract_target(abstract_state: nnx.State, sharding: ShardingSpec | None) -> dict[str, Any]:
+  """The restore target of an abstract NNX state: ShapeDtypeStructs carrying where each array lands."""
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -134,7 +140,7 @@ def load_model(path: os.PathLike | str, *, dtype: Any = None, attention_impl: st
     config = config.replace(attention_impl=attention_impl)
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0))))
   with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(params_dir, _abstract_target(abstract_state, sharding))
+    restored = ckptr.restore(params_dir, abstract_target(abstract_state, sharding))
   nnx.replace_by_pure_dict(abstract_state, restored)
   return nnx.merge(graphdef, abstract_state)
 

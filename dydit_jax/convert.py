@@ -18,9 +18,7 @@ thing shapes cannot tell) comes from --model (checked against the shapes) or --n
 """
 from __future__ import annotations
 
-import argparse
 import math
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -29,10 +27,10 @@ from typing import Any, Sequence
 import numpy as np
 from absl import flags
 from flax import nnx, traverse_util
-from safetensors import safe_open
 
 from dydit_jax import checkpoints, cli
 from dydit_jax.errors import UserError
+from dydit_jax.torch_files import ConversionError, as_numpy, read_safetensors, read_torch
 from dydit_jax.models import DiT
 from dydit_jax.models.config import MODEL_NAMES, ModelConfig, model_config
 from dydit_jax.models.layers import sincos_pos_embed_2d
@@ -79,63 +77,12 @@ _WRAPPERS = ("ema", "model", "module")   # in order of preference
 _LIST_LIMIT = 12
 
 
-class ConversionError(UserError):
-  """A problem with the input or the arguments, reported as one message without a traceback."""
-
-
 # Reading ------------------------------------------------------------------------------------------
-def _read_torch(path: Path, notes: list[str]) -> Any:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise ConversionError("reading .pt files needs PyTorch (pip install 'dydit_jax[convert]'); "
-                          ".safetensors files do not") from None
-  # Training dicts pickle their argparse Namespace: allow exactly that class in the safe loader.
-  torch.serialization.add_safe_globals([argparse.Namespace])
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as safe_error:
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # pylint: disable=broad-except
-      raise ConversionError(f"cannot read {path} as a PyTorch checkpoint, is it corrupt? "
-                            f"({_first_line(safe_error)})") from None
-    notes.append(f"note: {path.name} pickles Python objects other than tensors and argparse.Namespace, so it "
-                 "was loaded with torch.load(weights_only=False); convert only files you trust")
-    return obj
-  except Exception as e:  # pylint: disable=broad-except  (torch raises RuntimeError, EOFError, ...)
-    raise ConversionError(f"cannot read {path} as a PyTorch checkpoint, is it truncated or corrupt? "
-                          f"({_first_line(e)})") from None
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  try:
-    with safe_open(str(path), framework="numpy") as f:
-      return {k: f.get_tensor(k) for k in f.keys()}
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConversionError(f"cannot read {path} as a safetensors file, is it truncated or corrupt? "
-                          f"({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _as_numpy(name: str, value: Any) -> np.ndarray:
-  if isinstance(value, np.ndarray):
-    return value
-  if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-    value = value.detach().cpu()
-    return (value.float() if value.is_floating_point() else value).numpy()
-  raise ConversionError(f"entry {name!r} is a {type(value).__name__}, not a tensor: this is not a DiT state dict")
-
-
 def read_state_dict(src: Path, notes: list[str]) -> dict[str, np.ndarray]:
   """Tensors of `src` as numpy arrays, unwrapped (ema > model > module) and without "module." prefixes."""
   if not src.is_file():
     raise ConversionError(f"{src} does not exist")
-  obj = _read_safetensors(src) if src.suffix == ".safetensors" else _read_torch(src, notes)
+  obj = read_safetensors(src) if src.suffix == ".safetensors" else read_torch(src, notes)
   if not isinstance(obj, dict):
     raise ConversionError(f"{src} holds a {type(obj).__name__}, not a state dict")
   for wrapper in _WRAPPERS:
@@ -144,7 +91,7 @@ def read_state_dict(src: Path, notes: list[str]) -> dict[str, np.ndarray]:
       notes.append(f"note: using the {wrapper!r} weights" + (f" (the file also holds {others})" if others else ""))
       obj = obj[wrapper]
       break
-  return {k.removeprefix("module."): _as_numpy(k, v) for k, v in obj.items()}
+  return {k.removeprefix("module."): as_numpy(k, v, "a DiT state dict") for k, v in obj.items()}
 
 
 # Geometry -----------------------------------------------------------------------------------------
