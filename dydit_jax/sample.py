@@ -1,10 +1,15 @@
 """Sample a PNG grid from a converted model directory or a training workdir (its EMA weights).
 
   python -m dydit_jax.sample --model=WORKDIR_OR_MODEL_DIR --classes=207,360,387,974 --per_class=4 \
-      --sampler=ddpm --steps=250 --cfg_scale=4.0 --out=grid.png [--engine=buckets --dtype=bfloat16]
+      --sampler=ddpm --steps=250 --cfg_scale=4.0 --out=grid.png [--engine=buckets --dtype=bfloat16] \
+      [--vae=VAE_DIR]
 
-One row per class. A .json next to the PNG records the options and the measured block-MACs ratio of
-the run. The sampling itself is `dydit_jax.sampler.Sampler` (library users call it directly).
+One row per class. A latent model (4 channels, e.g. every ImageNet DiT) needs --vae, a VAE directory
+from `python -m dydit_jax.vae.convert`: its samples are decoded in jitted batches split over the local
+devices (`dydit_jax.vae.batched.decode_to_images`, DiT's uint8 mapping); a pixel model takes no VAE.
+Both mistakes stop the tool before any sampling. A .json next to the PNG records the options and the
+measured block-MACs ratio of the run. The sampling itself is `dydit_jax.sampler.Sampler` (library
+users call it directly).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from absl import flags, logging
 from dydit_jax import checkpoints, cli, images
 from dydit_jax.models.compute import compute_model
 from dydit_jax.sampler import ENGINES, SampleOptions, Sampler, class_labels
+from dydit_jax.vae.batched import decode_to_images
+from dydit_jax.vae.checkpoints import vae_for_model
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +46,8 @@ def define_flags():
   flags.DEFINE_enum("attention", None, ["xla", "cudnn"], "attention implementation (default: the checkpoint's)")
   flags.DEFINE_enum("residual_dtype", None, ["float32", "bfloat16"],
                     "residual stream between blocks (default: the checkpoint's, float32); bfloat16 is faster")
+  flags.DEFINE_string("vae", None, "VAE directory (python -m dydit_jax.vae.convert) decoding a latent model's samples")
+  flags.DEFINE_integer("decode_batch", 16, "latents per VAE decode call (one compile; split over local devices)")
   flags.DEFINE_string("out", "samples.png", "PNG to write; a .json with the FLOPs statistics goes next to it")
 
 
@@ -48,12 +57,19 @@ def main(argv):
   labels = class_labels([_class_id(c) for c in FLAGS.classes], FLAGS.per_class)
   options = SampleOptions(sampler=FLAGS.sampler, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale,
                           engine=FLAGS.engine, segments=FLAGS.segments)
+  if FLAGS.decode_batch <= 0:
+    raise cli.UserError(f"--decode_batch must be positive, got {FLAGS.decode_batch}")
   model = checkpoints.load_model(FLAGS.model, step=FLAGS.step, use_ema=FLAGS.ema)
   if FLAGS.dtype or FLAGS.attention or FLAGS.residual_dtype:
     model = compute_model(model, FLAGS.dtype or model.config.dtype, FLAGS.attention, FLAGS.residual_dtype)
+  vae = vae_for_model(FLAGS.model, model.config.in_channels, FLAGS.vae)   # before any sampling work
   result = Sampler(model, options).generate(labels, jax.random.PRNGKey(FLAGS.seed))
-  path = images.save_grid(images.to_uint8(result.samples), FLAGS.out, ncols=FLAGS.per_class)
-  stats = {"flops_ratio": result.flops_ratio, "options": dataclasses.asdict(options),
+  if vae is None:
+    pixels = images.to_uint8(result.samples)
+  else:
+    pixels = decode_to_images(vae, result.samples, FLAGS.decode_batch)
+  path = images.save_grid(pixels, FLAGS.out, ncols=FLAGS.per_class)
+  stats = {"vae": FLAGS.vae, "flops_ratio": result.flops_ratio, "options": dataclasses.asdict(options),
            "labels": labels.tolist(), "dynamic": model.config.dynamic,
            "numerics": {"dtype": model.config.dtype, "residual_dtype": model.config.residual_dtype,
                         "attention": model.config.attention_impl}}

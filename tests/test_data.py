@@ -1,8 +1,9 @@
 """Data tests: embedded MNIST, the shared batch iterator, latent shards, ADM crop, ImageNet prep.
 
-Hosts are simulated by passing process_index / process_count explicitly. No test needs
-TensorFlow: ImageNet preparation is exercised through `encode_to_shards` with PNG bytes
-and a fake encoder (an 8x8 average pool), which is exactly what `prepare_imagenet` feeds.
+Hosts are simulated by passing process_index / process_count explicitly. Latent preparation is
+exercised through `encode_to_shards` with in-memory PNGs and a fake encoder (an 8x8 average pool as
+the posterior mean), which is what `prepare_imagenet` / `prepare_image_folder` feed it; only the tfds
+test needs TensorFlow. The real VAE and CLI run in tests/test_prepare.py.
 """
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import io
 import json
 import tarfile
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
 
 from dydit_jax.data import (BatchIterator, LatentShardSource, LatentShardWriter, center_crop_arr,
                             encode_to_shards, load_mnist, make_dataset, prepare_imagenet)
+from dydit_jax.data import latents as latents_format
 from dydit_jax.data.imagenet import LATENT_SCALE, preprocess_image
 
 
@@ -199,6 +202,22 @@ def test_latent_shards_roundtrip_through_grain(tmp_path, dtype):
   assert_same_batches(take(resumed, 3), want)
 
 
+def test_format_v1_folders_still_read_as_frozen_samples(tmp_path):
+  latents = np.random.default_rng(1).standard_normal((4, 2, 2, 4)).astype(np.float32)
+  with LatentShardWriter(str(tmp_path), 2, num_classes=4, image_size=16) as writer:
+    writer.write(latents, np.arange(4))
+  meta = json.loads((tmp_path / "metadata.json").read_text())
+  assert meta["format"] == "dydit_jax.latents.v2" and meta["content"] == "sample"
+  del meta["content"]
+  (tmp_path / "metadata.json").write_text(json.dumps({**meta, "format": "dydit_jax.latents.v1"}))
+  source = LatentShardSource(str(tmp_path))
+  assert not source.posterior
+  for i in range(4):
+    example = source[i]
+    np.testing.assert_array_equal(example["x"], latents[example["y"]])
+    assert source.draw(example, seed=0, epoch=3, index=i) is example
+
+
 def test_missing_or_empty_latent_folder_names_the_folder(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -244,37 +263,133 @@ def test_prepare_imagenet_without_encoder_says_the_vae_is_missing(tmp_path):
     prepare_imagenet(str(tmp_path / "manual"), str(tmp_path / "out"), 256)
 
 
-def test_encode_to_shards_writes_scaled_latents_of_cropped_flipped_images(tmp_path):
-  rng = np.random.default_rng(2)
-  sizes = [(40, 24), (24, 24), (33, 50), (70, 30), (24, 31)]
-  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
-  encoded = []
-  for pixels in images:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    encoded.append(buffer.getvalue())
-  calls = []
+class PngImages:
+  """An in-memory ImageSource: five random PNGs of several sizes, image i labelled i."""
 
-  def encoder(batch):                                  # (B,16,16,3) -> (B,2,2,3) mean pool
-    calls.append(batch.shape)
-    return batch.reshape(len(batch), 2, 8, 2, 8, 3).mean(axis=(2, 4))
+  def __init__(self):
+    rng = np.random.default_rng(2)
+    self.files = []
+    for w, h in [(40, 24), (24, 24), (33, 50), (70, 30), (24, 31)]:
+      buffer = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, format="PNG")
+      self.files.append(buffer.getvalue())
 
-  meta = encode_to_shards(zip(encoded, range(5)), str(tmp_path), encoder, image_size=16,
-                          num_shards=2, flip=True, seed=0, batch_size=2, num_workers=2)
-  assert calls == [(2, 16, 16, 3)] * 3                 # last batch padded to a fixed shape
+  def __len__(self):
+    return len(self.files)
+
+  def read(self, start, stop):
+    for i in range(start, stop):
+      yield f"image{i}.png", self.files[i], i
+
+
+def pool_encoder(calls=None):
+  """(B,16,16,3) -> mean: (B,2,2,3) 8x8 average pool; std: 0.1 + |mean| (a fake posterior)."""
+  def encoder(batch):
+    if calls is not None:
+      calls.append(batch.shape)
+    mean = batch.reshape(len(batch), 2, 8, 2, 8, 3).mean(axis=(2, 4))
+    return mean, 0.1 + np.abs(mean)
+  return encoder
+
+
+@pytest.mark.parametrize("content", ["posterior", "sample"])
+def test_encode_to_shards_stores_the_posterior_of_cropped_flipped_images(tmp_path, content):
+  source, calls = PngImages(), []
+  encoder = pool_encoder(calls)
+  meta = encode_to_shards(source, str(tmp_path), encoder, image_size=16, num_shards=2, num_classes=5,
+                          content=content, flip=True, seed=0, batch_size=2, num_workers=2)
+  # One probe call, then shard 0 = images 0-1 (one batch), shard 1 = images 2-4 (two, the last padded).
+  assert calls == [(2, 16, 16, 3)] * 4
   assert meta["count"] == 5 and meta["shape"] == [2, 2, 3] and meta["flip"] is True
-  source = LatentShardSource(str(tmp_path))
-  flipped = 0
+  assert meta["content"] == content and meta["shard_counts"] == [2, 3]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["latents-00000-of-00002.array_record",
+                                                         "latents-00001-of-00002.array_record", "metadata.json"]
+  flips = np.random.default_rng([latents_format.STREAM_FLIP, 0]).random(5) < 0.5
+  assert 0 < flips.sum() < 5                           # seed 0 flips some, not all
+  source_out = LatentShardSource(str(tmp_path))
   for i in range(5):
-    example = source[i]
-    label = int(example["y"])
-    plain, mirrored = (encoder(preprocess_image(encoded[label], 16, f)[None])[0] * LATENT_SCALE
-                       for f in (False, True))
-    if np.allclose(example["x"], mirrored, atol=1e-6) and not np.allclose(plain, mirrored):
-      flipped += 1
+    example = source_out[i]                            # contiguous shards: record i is image i
+    assert int(example["y"]) == i
+    mean, std = (a[0] * LATENT_SCALE for a in encoder(preprocess_image(source.files[i], 16, flips[i])[None]))
+    if content == "posterior":
+      np.testing.assert_allclose(example["x"], mean, rtol=1e-6)
+      np.testing.assert_allclose(example["std"], std, rtol=1e-6)
     else:
-      np.testing.assert_allclose(example["x"], plain, atol=1e-6)
-  assert 0 < flipped < 5                               # seed 0 flips some, not all
+      noise = latents_format.posterior_noise((2, 2, 3), latents_format.STREAM_FROZEN, 0, i)
+      np.testing.assert_allclose(example["x"], mean + std * noise, rtol=1e-5, atol=1e-7)
+      assert "std" not in example
+
+
+def test_posterior_latents_are_sampled_per_visit_and_resume_exactly(tmp_path):
+  encode_to_shards(PngImages(), str(tmp_path), pool_encoder(), image_size=16, num_shards=2, num_classes=5,
+                   batch_size=2, num_workers=1)
+  source = LatentShardSource(str(tmp_path))
+  config = {"name": "latents", "path": str(tmp_path), "global_batch_size": 2, "seed": 7, "num_threads": 0}
+  data = make_dataset(config, process_index=0, process_count=1)
+  batches = take(data, 10)                             # 20 examples: 4 epochs
+  order = grain.MapDataset.range(5).shuffle(seed=7).repeat(None)
+  seen = {}
+  for g, (x, y) in enumerate((x, y) for b in batches for x, y in zip(b["x"], b["y"])):
+    index, epoch = int(order[g]), g // 5
+    assert int(y) == index                             # label i is record i
+    mean, std = source[index]["x"], source[index]["std"]
+    noise = latents_format.posterior_noise(mean.shape, latents_format.STREAM_READ, 7, epoch, index)
+    np.testing.assert_allclose(x, mean + std * noise, rtol=1e-6, atol=1e-7)
+    seen.setdefault(index, []).append(x)
+  for draws in seen.values():                          # a new sample at every visit
+    assert len(draws) == 4 and not np.allclose(draws[0], draws[1])
+  state = data.get_state()
+  want = take(data, 3)
+  resumed = make_dataset(config, process_index=0, process_count=1)
+  resumed.set_state(state)
+  assert_same_batches(take(resumed, 3), want)
+
+
+def test_encode_to_shards_resumes_and_refuses_other_settings(tmp_path):
+  out = str(tmp_path / "latents")
+  kwargs = dict(image_size=16, num_shards=3, num_classes=5, batch_size=2, num_workers=1)
+  assert encode_to_shards(PngImages(), out, pool_encoder(), max_shards=2, **kwargs) is None
+  names = sorted(p.name for p in (tmp_path / "latents").iterdir())
+  assert names == ["latents-00000-of-00003.array_record", "latents-00001-of-00003.array_record",
+                   "prepare_plan.json"]
+  with pytest.raises(ValueError, match="other settings .*different: seed"):
+    encode_to_shards(PngImages(), out, pool_encoder(), seed=1, **kwargs)
+  calls = []
+  meta = encode_to_shards(PngImages(), out, pool_encoder(calls), **kwargs)
+  assert len(calls) == 2 and meta["count"] == 5         # the probe and the one missing shard
+  whole = str(tmp_path / "whole")
+  assert encode_to_shards(PngImages(), whole, pool_encoder(), **kwargs) == meta
+  for name in meta["shards"] + ["metadata.json"]:
+    assert (tmp_path / "latents" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+  with pytest.raises(ValueError, match="already holds prepared latents"):
+    encode_to_shards(PngImages(), out, pool_encoder(), **kwargs)
+
+
+def test_hosts_encode_every_other_shard_and_host_0_finishes(tmp_path):
+  """Two simulated hosts (one process: the end barrier is trivial) write what one host writes."""
+  kwargs = dict(image_size=16, num_shards=4, num_classes=5, batch_size=2, num_workers=1)
+  one = encode_to_shards(PngImages(), str(tmp_path / "one"), pool_encoder(), **kwargs)
+  two = str(tmp_path / "two")
+  assert encode_to_shards(PngImages(), two, pool_encoder(), process_index=1, process_count=2, **kwargs) is None
+  assert sorted(p.name for p in (tmp_path / "two").glob("latents-*")) == [one["shards"][1], one["shards"][3]]
+  assert encode_to_shards(PngImages(), two, pool_encoder(), process_index=0, process_count=2, **kwargs) == one
+  for name in one["shards"]:
+    assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_a_corrupt_image_leaves_no_partial_shard(tmp_path):
+  source = PngImages()
+  source.files[3] = source.files[3][:200]              # truncated PNG, in shard 1
+  out = tmp_path / "latents"
+  with pytest.raises(ValueError, match="cannot read image image3.png"):
+    encode_to_shards(source, str(out), pool_encoder(), image_size=16, num_shards=2, num_classes=5,
+                     batch_size=2, num_workers=1)
+  assert sorted(p.name for p in out.iterdir()) == ["latents-00000-of-00002.array_record", "prepare_plan.json"]
+  source.files[0] = source.files[0][:200]              # in the first shard: nothing is left at all
+  with pytest.raises(ValueError, match="cannot read image image0.png"):
+    encode_to_shards(source, str(tmp_path / "other"), pool_encoder(), image_size=16, num_shards=2,
+                     num_classes=5, batch_size=2, num_workers=1)
+  assert not (tmp_path / "other").exists()
 
 
 def add_to_tar(tar, name, data):
@@ -302,8 +417,9 @@ def test_prepare_imagenet_reads_tfds_manual_dir_end_to_end(tmp_path):
   with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:  # tfds reads it eagerly
     add_to_tar(val, "ILSVRC2012_val_00000001.JPEG", jpegs[0])
 
-  def encoder(batch):                                  # (B,256,256,3) -> (B,32,32,3)
-    return batch.reshape(len(batch), 32, 8, 32, 8, 3).mean(axis=(2, 4))
+  def encoder(batch):                                  # (B,256,256,3) -> (B,32,32,3), twice
+    mean = batch.reshape(len(batch), 32, 8, 32, 8, 3).mean(axis=(2, 4))
+    return mean, mean
 
   meta = prepare_imagenet(str(manual), str(tmp_path / "latents"), 256, encoder=encoder,
                           num_shards=2, flip=False, data_dir=str(tmp_path / "tfds"),
@@ -312,7 +428,7 @@ def test_prepare_imagenet_reads_tfds_manual_dir_end_to_end(tmp_path):
   source = LatentShardSource(str(tmp_path / "latents"))
   for i in range(2):
     example = source[i]
-    want = encoder(preprocess_image(jpegs[int(example["y"])], 256, False)[None])[0]
+    want = encoder(preprocess_image(jpegs[int(example["y"])], 256, False)[None])[0][0]
     np.testing.assert_array_equal(example["x"], want * LATENT_SCALE)
 
 

@@ -72,8 +72,8 @@ CLI_CASES = {
         "python -m dydit_jax.convert --src DiT-XL-2-256x256.pt --dst DIR --model DiT-XL/2, then "
         "--config.init_checkpoint=DIR",
         "config.data.path is not set",
-        "python -m dydit_jax.prepare --manual_dir IMAGENET_TARS_DIR --out_dir DIR --image_size 256, then "
-        "--config.data.path=DIR"]),
+        "python -m dydit_jax.prepare --vae VAE_DIR --manual_dir IMAGENET_TARS_DIR --out_dir DIR "
+        "--image_size 256, then --config.data.path=DIR"]),
 }
 
 

@@ -18,6 +18,11 @@ A source is any random-access sequence of examples `{"x": (H,W,C) float32, "y": 
   resume with another host count (or another global batch size) and still continue
   the very same example stream.
 
+* Per-visit randomness: a source may define `draw(example, *, seed, epoch, index)`, called on
+  every example read with the stream's seed, the epoch and the record index (prepared posterior
+  latents draw their posterior sample there). As these three follow from the position, a resumed
+  run draws exactly what the interrupted one would have.
+
 Reading runs in grain threads (`num_threads`) with a small prefetch buffer; sources
 held in memory should use 0 threads (the GIL makes threads pure overhead there).
 """
@@ -47,6 +52,9 @@ class Source(Protocol):
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     ...
+
+  # Optional: def draw(self, example, *, seed: int, epoch: int, index: int) -> dict[str, Any]
+  # (the example as seen in that epoch; see the module docstring).
 
 
 class BatchIterator:
@@ -90,8 +98,10 @@ class BatchIterator:
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // self.process_count
     self.num_threads = source.read_threads if num_threads is None else num_threads
-    # An epoch-wise reshuffled infinite stream: grain folds the epoch into the seed.
-    self._stream = grain.MapDataset.source(source).shuffle(seed=self.seed).repeat(None)
+    # An epoch-wise reshuffled infinite stream of record indices: grain folds the epoch into the seed.
+    # (The same order as shuffling the source itself, so earlier data positions stay valid.)
+    self._order = grain.MapDataset.range(len(source)).shuffle(seed=self.seed).repeat(None)
+    self._draw = getattr(source, "draw", None)
     self._iterator = None
     self._seek(0)
 
@@ -103,13 +113,21 @@ class BatchIterator:
   def shape(self) -> tuple[int, ...]:
     return tuple(self.source.shape)
 
+  def _example(self, g: int) -> dict[str, Any]:
+    """Global example `g` of the stream."""
+    index = int(self._order[g])
+    example = self.source[index]
+    if self._draw is not None:
+      example = self._draw(example, seed=self.seed, epoch=g // len(self.source), index=index)
+    return example
+
   def _seek(self, position: int) -> None:
     """Restarts reading at global example `position` of the stream."""
     if self._iterator is not None:
       self._iterator.close()
-    stream, rows, first = self._stream, self.local_batch_size, self.process_index * self.local_batch_size
+    rows, first = self.local_batch_size, self.process_index * self.local_batch_size
     host_stream = grain.MapDataset.range(0, sys.maxsize).map(
-        lambda i: stream[position + (i // rows) * self.global_batch_size + first + i % rows])
+        lambda i: self._example(position + (i // rows) * self.global_batch_size + first + i % rows))
     read_options = grain.ReadOptions(num_threads=self.num_threads,
                                      prefetch_buffer_size=2 * self.num_threads)
     batches = host_stream.batch(self.local_batch_size).to_iter_dataset(read_options)

@@ -155,7 +155,7 @@ def convert_command(model: ml_collections.ConfigDict) -> str:
 
 def prepare_command(model: ml_collections.ConfigDict) -> str:
   """The command that makes config.data.path (ImageNet latents) for `model`."""
-  return (f"python -m dydit_jax.prepare --manual_dir IMAGENET_TARS_DIR --out_dir DIR "
+  return (f"python -m dydit_jax.prepare --vae VAE_DIR --manual_dir IMAGENET_TARS_DIR --out_dir DIR "
           f"--image_size {model.image_size}")
 
 

@@ -10,21 +10,27 @@ directory next to the destination, renamed at the end).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
 from dydit_jax import checkpoints
+from dydit_jax.errors import UserError
 from dydit_jax.vae.config import VAEConfig
 from dydit_jax.vae.model import AutoencoderKL
 
 VAE_CONFIG_FILE = checkpoints.VAE_CONFIG_FILE
 PARAMS_DIR = checkpoints.PARAMS_DIR
+# How to get the VAE every latent tool needs, said the same way by each of them.
+CONVERT_HINT = ("a VAE converted with python -m dydit_jax.vae.convert --src sd-vae-ft-ema --dst DIR "
+                "(a download of stabilityai/sd-vae-ft-ema, the VAE DiT encodes and samples with)")
 
 
 def write_vae_dir(dst: os.PathLike | str, params: dict[str, Any], config: VAEConfig, *,
@@ -36,6 +42,16 @@ def write_vae_dir(dst: os.PathLike | str, params: dict[str, Any], config: VAECon
 def save_vae(model: AutoencoderKL, dst: os.PathLike | str, *, overwrite: bool = False) -> Path:
   """Write `model` as a VAE directory that `load_vae` reads back (the runtime dtype is not stored)."""
   return write_vae_dir(dst, nnx.state(model).to_pure_dict(), model.config.geometry(), overwrite=overwrite)
+
+
+def fingerprint(vae: AutoencoderKL) -> str:
+  """sha256 over every parameter's path and float32 bytes: equal exactly for the same weights, whatever
+  directory they were loaded from (prepared latents record it, so a resumed preparation cannot switch VAE)."""
+  digest = hashlib.sha256()
+  for path, var in sorted(nnx.to_flat_state(nnx.state(vae, nnx.Param)), key=lambda item: str(item[0])):
+    digest.update(str(path).encode())
+    digest.update(np.ascontiguousarray(np.asarray(var.get_value(), np.float32)).tobytes())
+  return digest.hexdigest()
 
 
 def read_vae_config(path: os.PathLike | str) -> VAEConfig:
@@ -72,3 +88,25 @@ def load_vae(path: os.PathLike | str, *, dtype: Any = None,
     restored = ckptr.restore(path / PARAMS_DIR, target)
   nnx.replace_by_pure_dict(abstract_state, restored)
   return nnx.merge(graphdef, abstract_state)
+
+
+def vae_for_model(model_path: str, in_channels: int, vae_dir: str | None, *,
+                  flag: str = "--vae") -> AutoencoderKL | None:
+  """The VAE that turns the samples of a model with `in_channels` into images, or None for a pixel model.
+
+  Checked before any sampling work: a latent model (not 1 or 3 channels) needs `vae_dir`, whose
+  latent_channels must equal `in_channels`; a pixel model's samples are images already, so a VAE
+  given for it is a mistake (it would be silently ignored) rather than something to skip.
+  """
+  if in_channels in (1, 3):
+    if vae_dir:
+      raise UserError(f"{model_path} holds a pixel model ({in_channels} channels): its samples are images "
+                      f"already and need no VAE; drop {flag}")
+    return None
+  if not vae_dir:
+    raise UserError(f"{model_path} holds a latent model ({in_channels} channels): pass {flag}=DIR, {CONVERT_HINT}")
+  config = read_vae_config(vae_dir)
+  if config.latent_channels != in_channels:
+    raise UserError(f"the VAE {vae_dir} has {config.latent_channels} latent channels but the model {model_path} "
+                    f"samples {in_channels}: they do not belong together; {flag} wants {CONVERT_HINT}")
+  return load_vae(vae_dir)
