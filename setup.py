@@ -34,8 +34,10 @@ setup(
     install_requires=CORE,
     extras_require={
         "convert": TORCH,
-        # diffusers: the PyTorch AutoencoderKL the VAE parity tests compare with (random weights, offline).
-        "test": TORCH + ["pytest>=8", "pytest-timeout>=2", "diffusers==0.42.1"],
+        # diffusers: the PyTorch AutoencoderKL the VAE parity tests compare with (random weights, offline);
+        # nbclient / nbformat / ipykernel: the Colab notebook is executed in CI (smoke mode).
+        "test": TORCH + ["pytest>=8", "pytest-timeout>=2", "diffusers==0.42.1", "nbclient>=0.10",
+                         "nbformat>=5.10", "ipykernel>=6.29"],
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
     },
