@@ -44,7 +44,7 @@ def get_config(arg=None):
   c.batch_size = 16
 
   # Stage 1 (plain DiT from scratch); the fields below it are stage 2 (DyDiT fine-tuning).
-  c.demo.dit_steps = 120 if quick else 600
+  c.demo.dit_steps = 60 if quick else 600
   c.demo.dit_lr = 2e-3
   c.demo.dit_ema_decay = 0.98 if quick else 0.99
   c.total_steps = 100 if quick else 250

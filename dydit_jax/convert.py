@@ -30,7 +30,7 @@ from flax import nnx, traverse_util
 
 from dydit_jax import checkpoints, cli
 from dydit_jax.errors import UserError
-from dydit_jax.torch_files import ConversionError, as_numpy, read_safetensors, read_torch
+from dydit_jax.torch_files import ConversionError, as_numpy, check_problems, read_safetensors, read_torch
 from dydit_jax.models import DiT
 from dydit_jax.models.config import MODEL_NAMES, ModelConfig, model_config
 from dydit_jax.models.layers import sincos_pos_embed_2d
@@ -74,7 +74,6 @@ _ROUTER_BLOCK = {
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _ROUTER_KEY = re.compile(r"^blocks\.\d+\.(attn_rate|mlp_rate|token_selection)\.")
 _WRAPPERS = ("ema", "model", "module")   # in order of preference
-_LIST_LIMIT = 12
 
 
 # Reading ------------------------------------------------------------------------------------------
@@ -221,16 +220,8 @@ def check_keys(shapes: dict[str, tuple], cfg: ModelConfig, targets: dict[tuple, 
       want = _torch_shape(targets[path][0], perm, block is not None)
       if tuple(shapes[key]) != want:
         mismatched.append(f"{key} {tuple(shapes[key])} (expected {want})")
-  problems = [(n, items) for n, items in (("missing", missing), ("unexpected", unexpected),
-                                          ("mismatched", mismatched), ("model variables without a source", unfilled))
-              if items]
-  if problems:
-    lines = [f"the state dict does not match {_describe(cfg)}: "
-             + ", ".join(f"{len(items)} {n}" for n, items in problems)]
-    for name, items in problems:
-      more = f" ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
-      lines.append(f"  {name}: {', '.join(map(str, items[:_LIST_LIMIT]))}{more}")
-    raise ConversionError("\n".join(lines))
+  check_problems(_describe(cfg), [("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched),
+                                  ("model variables without a source", unfilled)])
 
 
 def to_nnx_params(state_dict: dict[str, np.ndarray], cfg: ModelConfig, targets: dict[tuple, tuple],

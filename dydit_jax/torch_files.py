@@ -80,3 +80,18 @@ def as_numpy(name: str, value: Any, what: str) -> np.ndarray:
     return (value.float() if value.is_floating_point() else value).numpy()
   raise ConversionError(f"entry {name!r} is a {type(value).__name__}, not a tensor: this is not {what}")
 
+
+LIST_LIMIT = 12   # keys named per kind of problem; the rest are counted
+
+
+def check_problems(what: str, problems: list[tuple[str, list]]) -> None:
+  """Raise one ConversionError listing every kind of key problem that is not empty: the header line
+  "the state dict does not match WHAT: 2 missing, 1 unexpected", then one line per kind."""
+  problems = [(name, items) for name, items in problems if items]
+  if not problems:
+    return
+  lines = [f"the state dict does not match {what}: " + ", ".join(f"{len(items)} {n}" for n, items in problems)]
+  for name, items in problems:
+    more = f" ... and {len(items) - LIST_LIMIT} more" if len(items) > LIST_LIMIT else ""
+    lines.append(f"  {name}: {', '.join(map(str, items[:LIST_LIMIT]))}{more}")
+  raise ConversionError("\n".join(lines))

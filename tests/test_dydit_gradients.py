@@ -19,7 +19,7 @@ def _router_grads(loss_of_model):
   def loss_fn(p):
     return loss_of_model(nnx.merge(graphdef, p, rest), cfg)
 
-  grads = jax.grad(loss_fn)(params)
+  grads = jax.jit(jax.grad(loss_fn))(params)   # one compile instead of one per eager op
   routers = [(path, g) for path, g in nnx.to_flat_state(grads)
              if any(s in map(str, path) for s in ("router", "mlp_head"))]
   assert len(routers) == 8  # attn_rate, mlp_rate: kernel+bias; token mlp_head: 2 x (kernel+bias)

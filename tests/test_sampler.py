@@ -59,6 +59,7 @@ def test_flops_statistics_of_closed_routers():
   model = randomize(DiT(CFG.replace(dynamic=True), rngs=nnx.Rngs(1)), scale=0.2)
   for router in (model.blocks.attn_rate.router, model.blocks.mlp_rate.router,
                  model.blocks.token_selection.mlp_head.layers[2]):
+    router.kernel[...] = jnp.zeros_like(router.kernel[...])   # logits = bias whatever the input
     router.bias[...] = jnp.full(router.bias.shape, -100.0)
   result = sample.generate(model, LABELS, jax.random.PRNGKey(0), sample.SampleOptions(steps="5"))
   # Only the forced head and group stay open, no token takes the MLP: r = (1/H) A / (A + M).

@@ -292,8 +292,7 @@ def test_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
 
 def test_cost_benchmark_counts_a_decode():
   from dydit_jax.bench import vae as vae_bench
-  r = vae_bench.measure(image_size=32, batch=1)
+  r = vae_bench.measure(image_size=32, batch=1, run=False)      # compile only, abstract weights
   assert r["decode"]["gmacs_per_image"] > r["encode"]["gmacs_per_image"] > 0
-  assert r["decode"]["s_per_image"] > 0
   # Convolutions dominate: cost per pixel is about constant, 307.9 GMACs at 256 px (docs/benchmarks.md).
   assert 0.8 < r["decode"]["gmacs_per_image"] * 64 / 307.9 < 1.2

@@ -22,17 +22,22 @@ from dydit_jax.vae import SD_VAE, AutoencoderKL
 FLAGS = flags.FLAGS
 
 
-def measure(image_size: int = 256, batch: int = 1, dtype: str = "float32") -> dict[str, dict[str, float]]:
-  """{"decode" | "encode": {"gmacs_per_image", "compile_s", "s_per_image"}}."""
+def measure(image_size: int = 256, batch: int = 1, dtype: str = "float32", *, run: bool = True
+            ) -> dict[str, dict[str, float]]:
+  """{"decode" | "encode": {"gmacs_per_image", "compile_s"[, "s_per_image"]}}; run=False compiles
+  on abstract weights only (the MAC count, no weights made, nothing timed)."""
   if image_size % 8:
     raise UserError(f"--image_size must be a multiple of 8, got {image_size}")
   cfg = SD_VAE.replace(dtype=dtype)
-  graphdef, state = nnx.split(AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+  build = lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(build() if run else nnx.eval_shape(build))
   side = image_size // 8
   programs = {"decode": (lambda s, z: nnx.merge(graphdef, s).decode(z),
                          jnp.zeros((batch, side, side, cfg.latent_channels))),
               "encode": (lambda s, x: nnx.merge(graphdef, s).encode(x).mean,
                          jnp.zeros((batch, image_size, image_size, cfg.in_channels)))}
+  if not run:
+    programs = {k: (f, jax.ShapeDtypeStruct(a.shape, a.dtype)) for k, (f, a) in programs.items()}
   out = {}
   for name, (fn, arg) in programs.items():
     start = time.perf_counter()
@@ -40,11 +45,12 @@ def measure(image_size: int = 256, batch: int = 1, dtype: str = "float32") -> di
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    jax.block_until_ready(compiled(state, arg))
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(state, arg))
-    out[name] = {"gmacs_per_image": cost["flops"] / 2 / batch / 1e9, "compile_s": compile_s,
-                 "s_per_image": (time.perf_counter() - start) / batch}
+    out[name] = {"gmacs_per_image": cost["flops"] / 2 / batch / 1e9, "compile_s": compile_s}
+    if run:
+      jax.block_until_ready(compiled(state, arg))
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(state, arg))
+      out[name]["s_per_image"] = (time.perf_counter() - start) / batch
   return out
 
 

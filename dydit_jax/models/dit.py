@@ -178,7 +178,8 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> DiTBlock:
   """`depth` independently initialized blocks merged into one module with stacked parameters."""
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiTBlock(cfg, rngs=nnx.Rngs(0))))
   keys = jax.random.split(rngs.params(), cfg.depth)
-  state = jax.vmap(lambda k: nnx.state(DiTBlock(cfg, rngs=nnx.Rngs(k))))(keys)
+  # One jitted program builds every block (eager init would dispatch and compile op by op).
+  state = jax.jit(jax.vmap(lambda k: nnx.state(DiTBlock(cfg, rngs=nnx.Rngs(k)))))(keys)
   return nnx.merge(graphdef, state)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dydit_jax.models.dit import DiT
@@ -24,6 +24,12 @@ def _params(model: DiT):
     yield i, [str(p) for p in path], var
 
 
+def _normal(seed: int, index: int, shape) -> np.ndarray:
+  """N(0, 1) noise for parameter `index`, drawn on the host: one device transfer per parameter and
+  no compile (eager jax.random would compile a program per parameter shape, seconds per model)."""
+  return np.random.default_rng((seed, index)).standard_normal(shape, dtype=np.float32)
+
+
 def randomize(model: DiT, seed: int = 0, scale: float = 0.05, *, only: Sequence[str] | None = None,
               skip: Sequence[str] = ROUTER_PARAMS) -> DiT:
   """Fill parameters with N(0, scale^2) noise, in place; returns the model.
@@ -32,23 +38,21 @@ def randomize(model: DiT, seed: int = 0, scale: float = 0.05, *, only: Sequence[
   "adaLN_modulation" and "final_layer"); skip: leave these out (the routers by default, so callers
   choose the routing regime with `randomize_routers`).
   """
-  key = jax.random.key(seed)
   for i, names, var in _params(model):
     if any(s in names for s in skip) or (only is not None and not any(s in names for s in only)):
       continue
-    var[...] = scale * jax.random.normal(jax.random.fold_in(key, i), var.shape, var.dtype)
+    var[...] = jnp.asarray(scale * _normal(seed, i, var.shape), var.dtype)
   return model
 
 
 def randomize_routers(model: DiT, seed: int = 1, weight_scale: float = 1.0, bias: float = 0.0) -> DiT:
   """Router weights ~ N(0, weight_scale^2 / fan_in), biases constant, in place: bias 0 gives masks
   that open about half the units (weight_scale ~3 makes them vary strongly with t and the tokens)."""
-  key = jax.random.key(seed)
   for i, names, var in _params(model):
     if not any(s in names for s in ROUTER_PARAMS):
       continue
     if names[-1] == "bias":
       var[...] = jnp.full(var.shape, bias, var.dtype)
     else:
-      var[...] = weight_scale * jax.random.normal(jax.random.fold_in(key, i), var.shape) / var.shape[-2] ** 0.5
+      var[...] = jnp.asarray(weight_scale * _normal(seed, i, var.shape) / var.shape[-2] ** 0.5, var.dtype)
   return model

@@ -36,7 +36,8 @@ from flax import nnx, traverse_util
 
 from dydit_jax import checkpoints, cli
 from dydit_jax.errors import UserError
-from dydit_jax.torch_files import ConversionError, as_numpy, read_safetensors, read_torch
+from dydit_jax.torch_files import (LIST_LIMIT, ConversionError, as_numpy, check_problems, read_safetensors,
+                                   read_torch)
 from dydit_jax.vae.checkpoints import write_vae_dir
 from dydit_jax.vae.config import SD_VAE, VAEConfig
 from dydit_jax.vae.model import AutoencoderKL
@@ -46,7 +47,6 @@ _CONV = (2, 3, 1, 0)      # OIHW -> HWIO
 VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 SD_PREFIXES = ("first_stage_model.", "vae.")     # where whole SD checkpoints keep the VAE
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_LIST_LIMIT = 12
 
 
 # Reading ------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def vae_keys(keys: list[str], notes: list[str]) -> dict[str, str]:
     notes.append(f"note: using the {len(selected)} tensors under {prefix!r}")
   ignored = Counter(k.split(".", 1)[0] for k in keys if k not in selected)
   if ignored:
-    groups = ", ".join(f"{name}.* ({n})" for name, n in ignored.most_common(_LIST_LIMIT))
+    groups = ", ".join(f"{name}.* ({n})" for name, n in ignored.most_common(LIST_LIMIT))
     notes.append(f"note: ignored {sum(ignored.values())} entries outside the VAE: {groups}")
   return selected
 
@@ -346,16 +346,8 @@ def check_keys(shapes: dict[str, tuple], source: dict[str, str], duplicates: lis
       want = _torch_shape(targets[path][0], perm)
       if tuple(shapes[key]) != want:
         mismatched.append(f"{source[key]} {tuple(shapes[key])} (expected {want})")
-  problems = [(n, items) for n, items in (("missing", missing), ("unexpected", unexpected),
-                                          ("given twice", duplicates), ("mismatched", mismatched),
-                                          ("model variables without a source", unfilled)) if items]
-  if problems:
-    lines = [f"the state dict does not match {describe(cfg)}: "
-             + ", ".join(f"{len(items)} {n}" for n, items in problems)]
-    for name, items in problems:
-      more = f" ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
-      lines.append(f"  {name}: {', '.join(map(str, items[:_LIST_LIMIT]))}{more}")
-    raise ConversionError("\n".join(lines))
+  check_problems(describe(cfg), [("missing", missing), ("unexpected", unexpected), ("given twice", duplicates),
+                                 ("mismatched", mismatched), ("model variables without a source", unfilled)])
 
 
 def to_nnx_params(state_dict: dict[str, np.ndarray], cfg: VAEConfig, targets: dict[tuple, tuple],
