@@ -112,12 +112,11 @@ def test_sampler_compiles_once_for_many_batches(tiny_dydit):
   masked forward samples for those labels and key (fp32, relative L2 <= 1e-4)."""
   model = tiny_dydit
   options = sample.SampleOptions(steps="10", cfg_scale=3.0, engine="buckets")
-  sampler = CheckedSampler(model, options, reference=model)
+  sampler = sample.Sampler(model, options)     # per-call checks: the test above
   for seed, labels in enumerate(([0, 1, 2, 3], [3, 3, 0, 1], [2, 0, 1, 1])):
     key = jax.random.PRNGKey(seed)
     got = sampler.generate(labels, key)
     want = sample.generate(model, labels, key, dataclasses.replace(options, engine="masked"))
-    assert np.isfinite(got.samples).all()                     # every call checked
     assert np.linalg.norm(got.samples - want.samples) <= 1e-4 * np.linalg.norm(want.samples)
     np.testing.assert_allclose(got.ratio, want.ratio, rtol=1e-5)
   assert sampler.traces == 1
