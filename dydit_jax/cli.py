@@ -84,11 +84,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def guarded(main: Callable) -> Callable:
-  """`main` with user errors turned into one line and exit status 1 (see the module docstring)."""
+  """`main(argv, ...)` with user errors turned into one line and exit status 1 (see the module
+  docstring); positional words left in argv are such an error."""
 
-  def wrapped(*args, **kwargs):
+  def wrapped(argv, *args, **kwargs):
     try:
-      return main(*args, **kwargs)
+      if len(argv) > 1:   # absl leaves non-flag words in argv; no tool takes any
+        raise UserError(f"unexpected arguments {' '.join(argv[1:])!r} (flags are written --name=value)")
+      return main(argv, *args, **kwargs)
     except USER_ERRORS as e:
       if debug():
         raise

@@ -29,7 +29,6 @@ from absl import flags
 from flax import nnx, traverse_util
 
 from dydit_jax import checkpoints, cli
-from dydit_jax.errors import UserError
 from dydit_jax.torch_files import ConversionError, as_numpy, check_problems, read_safetensors, read_torch
 from dydit_jax.models import DiT
 from dydit_jax.models.config import MODEL_NAMES, ModelConfig, model_config
@@ -288,8 +287,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # positional words: refused by cli.guarded
   f = flag_values
   dst = Path(f.dst)
   cfg, notes = convert(Path(f.src), dst, model=f.model, image_size=f.image_size, num_heads=f.num_heads,

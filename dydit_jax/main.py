@@ -137,8 +137,7 @@ class _OrbaxWarningsOnly(std_logging.Filter):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])!r} (flags are written --name=value)")
+  del argv  # positional words: refused by cli.guarded
   if not FLAGS.workdir:
     raise UserError("--workdir must not be empty")
   logging.get_absl_handler().addFilter(_OrbaxWarningsOnly())

@@ -55,8 +55,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])!r} (flags are written --name=value)")
+  del argv  # positional words: refused by cli.guarded
   from dydit_jax.data import imagenet  # pylint: disable=g-import-not-at-top
   from dydit_jax.train.sharding import initialize_distributed  # pylint: disable=g-import-not-at-top
   if bool(FLAGS.manual_dir) == bool(FLAGS.image_folder):

@@ -52,8 +52,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # positional words: refused by cli.guarded
   labels = class_labels([_class_id(c) for c in FLAGS.classes], FLAGS.per_class)
   options = SampleOptions(sampler=FLAGS.sampler, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale,
                           engine=FLAGS.engine, segments=FLAGS.segments)

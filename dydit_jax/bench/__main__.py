@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from dydit_jax import cli
 from dydit_jax.bench import BenchConfig, run
-from dydit_jax.errors import UserError
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # positional words: refused by cli.guarded
   run(BenchConfig.from_flags())
 
 

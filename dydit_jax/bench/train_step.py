@@ -21,7 +21,6 @@ from absl import flags
 
 from dydit_jax import cli
 from dydit_jax.bench.measure import matmul_rate
-from dydit_jax.errors import UserError
 from dydit_jax.models import model_config
 from dydit_jax.models.flops import dense_macs
 from dydit_jax.train import sharding
@@ -80,8 +79,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # positional words: refused by cli.guarded
   print(json.dumps(run(FLAGS.model, FLAGS.batch, FLAGS.dtype, FLAGS.steps, FLAGS.complete, FLAGS.remat,
                        FLAGS.attention, FLAGS.matmul_size, FLAGS.fsdp)))
 

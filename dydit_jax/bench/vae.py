@@ -61,8 +61,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # positional words: refused by cli.guarded
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(json.dumps(measure(FLAGS.image_size, FLAGS.batch, FLAGS.dtype), indent=1))
 

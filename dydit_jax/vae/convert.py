@@ -407,8 +407,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # positional words: refused by cli.guarded
   f = flag_values
   dst = Path(f.dst)
   cfg, summary, notes = convert(Path(f.src), dst, norm_num_groups=f.norm_num_groups,
