@@ -16,7 +16,7 @@ from dydit_jax.models.config import normalize_attention
 
 # Sampler names of the table -> (method, respacing).
 SAMPLER_SPECS = {"ddpm250": ("ddpm", "250"), "ddim50": ("ddim", "ddim50")}
-PARTS = ("matmul", "forward", "chain", "calls", "cost")
+PARTS = ("matmul", "forward", "chain", "calls", "hlo", "cost")
 ENGINES = ("buckets", "segments")
 TOKEN_CAPS = ("chain", "calibrated", "uniform")
 

@@ -10,6 +10,10 @@ Parts (`BenchConfig.parts`, each in its own try/except so one failure never hide
            and optionally the residual dtype (e.g. `chain:cudnn:ddpm250:bfloat16` next to
            `chain:cudnn:ddpm250`: both residual streams in one process, each with its own dense row).
   calls    single model calls (dense and DyDiT) per attention implementation, no sampler.
+  hlo      what XLA fused: counts of library calls (cuBLAS / cuBLASLt with their epilogues, cuDNN
+           fusions and attention, Triton GEMMs) and fusions in the compiled dense and DyDiT calls at
+           the chain's rows; with `profile` set, their optimized HLO is written there too (kernel
+           names in a trace are the fusion names of that text).
   cost     analytic MACs vs MACs at the compiled capacities vs XLA's cost analysis for the first
            DyDiT chain that ran, either engine, and XLA's bytes accessed per call, dense vs DyDiT (see
            `bench.cost`; compiles every block piece: slow on big models). cost_batch costs the pieces
@@ -27,6 +31,7 @@ a DyDiT row's rate is useful work per second.
 """
 from __future__ import annotations
 
+import collections
 import time
 import traceback
 
@@ -70,6 +75,32 @@ def sample_options(config: BenchConfig, sampler: str, engine: str = "masked") ->
   method, steps = SAMPLER_SPECS[sampler]
   return SampleOptions(method, steps, cfg_scale=config.cfg_scale or 1.0, engine=engine,
                        segments=config.segments)
+
+
+HLO_TARGETS = {  # what the census counts in an optimized HLO text
+    "cublasLt": r'custom_call_target="__cublas\$lt\$matmul"',
+    "cublas": r'custom_call_target="__cublas\$gemm"',
+    "cudnn fusion": r'"kind":"__cudnn\$fusion"',
+    "cudnn attention": r'custom_call_target="__cudnn\$fmha',
+    "triton gemm": r'"kind":"__triton_gemm"',
+    "fusions": r" fusion\(",
+    "while loops": r" while\(",
+    "conditionals": r" conditional\(",
+}
+
+
+def hlo_census(text: str) -> str:
+  """"cublasLt 4 (GELU 1, BIAS 2), fusions 97, ..." for an optimized HLO text; zero counts left out."""
+  import re
+  out = []
+  for what, pattern in HLO_TARGETS.items():
+    n = len(re.findall(pattern, text))
+    if n:
+      out.append(f"{what} {n}")
+  epilogues = collections.Counter(re.findall(r'"epilogue":"(\w+)"', text))
+  if epilogues:
+    out.append("epilogues " + ", ".join(f"{k} {v}" for k, v in sorted(epilogues.items())))
+  return ", ".join(out)
 
 
 class Bench:
@@ -280,6 +311,34 @@ class Bench:
                          **{"compile s": compile_s, "ms/call": ms, "speedup": speedup, "MACs ratio": ratio})
         except Exception as e:  # noqa: BLE001
           self.error(f"calls {impl} {name}", e)
+
+  def part_hlo(self, impl: str | None = None, only: str | None = None):
+    """One compiled dense call and one DyDiT call (first engine, first sampler) at the chain's rows;
+    `only` = "dense" skips the DyDiT call (its compile is the slow one)."""
+    c = self.config
+    impl = impl or c.attention
+    sampler, rows, side = c.samplers[0], c.rows, self.cfg.input_size
+    x = jax.ShapeDtypeStruct((rows, side, side, self.cfg.in_channels), jnp.float32)
+    t = y = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    for name in ("dense",) + (() if only == "dense" else tuple(c.engines[:1])):
+      try:
+        if name == "dense":
+          graphdef, arrays = nnx.split(self.dense(impl))
+          fwd, args = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)), (arrays, x, t, y)
+        else:
+          engine = self.engine(sampler, impl, name)
+          fwd, args = jax.jit(engine.apply), (engine.arrays, x, t, y, jnp.int32(0))
+          name = f"DyDiT {engine.label}"
+        start = time.perf_counter()
+        text = fwd.lower(*args).compile().as_text()
+        compile_s = time.perf_counter() - start
+        if c.profile:
+          with open(f"{c.profile}/hlo_{name.replace(' ', '_')}_{impl}.txt", "w") as f:
+            f.write(text)
+        self.table.add(part="hlo", model=name, attn=impl, rows=rows, note=hlo_census(text),
+                       **{"compile s": compile_s})
+      except Exception as e:  # noqa: BLE001
+        self.error(f"hlo {impl} {name}", e)
 
   def part_cost(self):
     if not self.chain_runs:

@@ -29,6 +29,12 @@ KINDS = (
 )
 
 
+def kernel_family(name: str) -> str:
+  """The name without its instance numbers (`loop_select_fusion.17` -> `loop_select_fusion`): XLA names
+  a fusion after the ops it holds, so families add up a layer's passes across layers and programs."""
+  return re.sub(r"([._]\d+)+$", "", re.sub(r"\.\d+(?=[._])", "", name))
+
+
 def kernel_kind(name: str) -> str:
   """matmul | attention | copy | fusion (elementwise, reductions, gathers) | other."""
   return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
@@ -41,6 +47,7 @@ class TraceSummary:
   kernels: list[tuple[str, float, int]]           # (name, total ms, count), most time first
   source: str                                     # which plane / lines were read
   kinds: dict[str, float] = dataclasses.field(default_factory=dict)  # kernel_kind -> total ms, all kernels
+  families: list[tuple[str, float, int]] = dataclasses.field(default_factory=list)  # kernel_family, ms, count
 
   @property
   def idle_fraction(self) -> float:
@@ -92,10 +99,13 @@ def summarize(logdir, top: int = 25) -> TraceSummary:
   busy += cur_end - cur_start
   span = max(e for _, e in intervals) - intervals[0][0]
   kernels = [(name, ns / 1e6, counts[name]) for name, ns in totals.most_common(top)]
-  kinds = collections.Counter()
+  kinds, family_ms, family_n = collections.Counter(), collections.Counter(), collections.Counter()
   for name, ns in totals.items():
     kinds[kernel_kind(name)] += ns / 1e6
-  return TraceSummary(span / 1e6, busy / 1e6, kernels, source, dict(kinds.most_common()))
+    family_ms[kernel_family(name)] += ns / 1e6
+    family_n[kernel_family(name)] += counts[name]
+  families = [(f, ms, family_n[f]) for f, ms in family_ms.most_common(top)]
+  return TraceSummary(span / 1e6, busy / 1e6, kernels, source, dict(kinds.most_common()), families)
 
 
 def format_summary(s: TraceSummary, title: str = "") -> str:
@@ -105,8 +115,10 @@ def format_summary(s: TraceSummary, title: str = "") -> str:
     total = sum(s.kinds.values())
     lines.append("kernel time by kind: " + ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / total:.1f}%)"
                                                       for kind, ms in s.kinds.items()))
-  lines += ["| kernel | total ms | calls | % of busy |", "|---|---|---|---|"]
-  for name, ms, count in s.kernels:
+  rows = [("family", f) for f in s.families] + [("kernel", k) for k in s.kernels]
+  lines += ["| kernel family / kernel | total ms | calls | % of busy |", "|---|---|---|---|"]
+  for what, (name, ms, count) in rows:
+    name = f"[{what}] {name}"
     share = 100 * ms / s.busy_ms if s.busy_ms else 0.0
     lines.append(f"| {name[:90]} | {ms:.2f} | {count} | {share:.1f} |")
   return "\n".join(lines)
