@@ -211,9 +211,9 @@ class Sampler:
                           out_specs=(P("data"), aux_spec), check_vma=False)
     return jax.jit(run)
 
-  def _inputs(self, labels: np.ndarray, mesh: Mesh | None):
+  def _inputs(self, labels: np.ndarray, mesh: Mesh | None, first_id: int = 0):
     """(labels, image ids) as device arrays, split over `mesh` when there is one."""
-    labels, ids = jnp.asarray(labels, jnp.int32), jnp.arange(len(labels), dtype=jnp.int32)
+    labels, ids = jnp.asarray(labels, jnp.int32), first_id + jnp.arange(len(labels), dtype=jnp.int32)
     if mesh is not None:
       labels, ids = jax.device_put((labels, ids), NamedSharding(mesh, P("data")))
     return labels, ids
@@ -256,8 +256,12 @@ class Sampler:
       raise UserError("update() needs a model of the same structure as the one the Sampler was built for")
     self._replicated = None
 
-  def generate(self, labels: Sequence[int], key: jax.Array) -> SampleResult:
-    """One image per label (eval mode: deterministic gates) and the chain's statistics."""
+  def generate(self, labels: Sequence[int], key: jax.Array, *, first_id: int = 0) -> SampleResult:
+    """One image per label (eval mode: deterministic gates) and the chain's statistics.
+
+    first_id: the id of labels[0] in a longer run (image j draws its noise from (key, first_id + j)),
+    so a run cut into batches samples what one batch of all its images would (`dydit_jax.fid_sampling`).
+    """
     labels = np.asarray(labels, np.int32).reshape(-1)
     if labels.size == 0 or labels.min() < 0 or labels.max() >= self.config.num_classes:
       raise UserError(f"labels must lie in [0, {self.config.num_classes}), got {labels.tolist()}")
@@ -267,7 +271,7 @@ class Sampler:
     self.compile(num)
     mesh, programs = self._programs[num]
     arrays = self._arrays_on(mesh)
-    device_labels, ids = self._inputs(labels, mesh)
+    device_labels, ids = self._inputs(labels, mesh, first_id)
     x, auxes = None, []
     for program in programs:
       x, aux = program(arrays, x, device_labels, ids, key)
