@@ -9,6 +9,7 @@ CORE = [
     "ml_collections>=1.0",
     "absl-py>=2.0",
     "numpy>=1.26",
+    "scipy>=1.10",  # the evaluator's matrix square root (FID / sFID); jax needs it too
     "safetensors>=0.4",
     "pillow>=10.0",
     "matplotlib>=3.8",
@@ -36,6 +37,9 @@ setup(
         "convert": TORCH,
         # diffusers: the PyTorch AutoencoderKL the VAE parity tests compare with (random weights, offline);
         # nbclient / nbformat / ipykernel: the Colab notebook is executed in CI (smoke mode).
+        # Not listed, installed by a second command (README, test command): torch-fidelity==0.4.0 with
+        # --no-deps, the reference of the Inception parity tests; its metadata requires torchvision,
+        # which pip would resolve to a build that does not import against this torch.
         "test": TORCH + ["pytest>=8", "pytest-timeout>=2", "diffusers==0.42.1", "nbclient>=0.10",
                          "nbformat>=5.10", "ipykernel>=6.29"],
         "tpu": ["jax[tpu]>=0.10"],

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, Sequence
 
 from absl import app, flags
 
@@ -83,14 +83,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(flag_error(e))
 
 
-def guarded(main: Callable) -> Callable:
+def guarded(main: Callable, positional: Sequence[str] = ()) -> Callable:
   """`main(argv, ...)` with user errors turned into one line and exit status 1 (see the module
-  docstring); positional words left in argv are such an error."""
+  docstring); positional words left in argv are such an error, unless the tool names exactly that
+  many in `positional` (e.g. ("REF", "SAMPLES") for the evaluator, whose interface is ADM's)."""
 
   def wrapped(argv, *args, **kwargs):
     try:
-      if len(argv) > 1:   # absl leaves non-flag words in argv; no tool takes any
-        raise UserError(f"unexpected arguments {' '.join(argv[1:])!r} (flags are written --name=value)")
+      words = argv[1:]   # absl leaves non-flag words in argv
+      if not positional and words:
+        raise UserError(f"unexpected arguments {' '.join(words)!r} (flags are written --name=value)")
+      if len(words) != len(positional):
+        raise UserError(f"expected {len(positional)} arguments {' '.join(positional)}, got {len(words)}"
+                        + (f": {' '.join(words)!r}" if words else ""))
       return main(argv, *args, **kwargs)
     except USER_ERRORS as e:
       if debug():
@@ -101,9 +106,9 @@ def guarded(main: Callable) -> Callable:
 
 
 def run(main: Callable, define_flags: Callable[[], None] | None = None,
-        flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
+        flags_parser: Callable[[list[str]], list[str]] = parse_flags, positional: Sequence[str] = ()) -> None:
   """Define the tool's flags, parse them with absl (`parse_flags` unless the tool has its own) and
-  run `main(argv)` guarded."""
+  run `main(argv)` guarded (with the `positional` words it takes, none by default)."""
   if define_flags is not None:
     define_flags()
-  app.run(guarded(main), flags_parser=flags_parser)
+  app.run(guarded(main, positional), flags_parser=flags_parser)
