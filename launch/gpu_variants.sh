@@ -12,10 +12,10 @@
 # is killed at the budget's end), so put the most important first. OUT/data.tar.gz also holds the optimized
 # HLO texts the `hlo` parts wrote (kernel names in the profiles are the fusion names of those texts).
 #
-# The default list is the "measure before changing" set of the engine-overhead work:
-#   base      matmul rate; fp32 and bf16 residual streams, each dense vs engine with a device profile
-#             (busy / idle, kernel time by kind and by kernel family); what XLA fused (hlo census)
-#   cublaslt  --xla_gpu_enable_cublaslt=true (bias / GELU epilogues in cuBLASLt)
+# The default list is what round 2 (docs/benchmarks.md §3e) left to measure, most important first:
+#   base      fp32 and bf16 residual streams, dense vs engine; one model call of each traced (busy /
+#             idle, kernel time by kind and family: a whole engine chain's trace did not finish in
+#             minutes on an H200); what XLA fused (hlo census, optimized HLO in data.tar.gz)
 #   caps12x10 12 head / 10 group capacities (width padding x1.037 -> x1.002), its compile time
 #   cudnn2    --xla_gpu_cudnn_gemm_fusion_level=2
 set -uo pipefail
@@ -25,10 +25,9 @@ OUT="${OUT:-workdir_variants}"
 BUDGET="${BUDGET:-330}"
 STEPS="${STEPS:-16}"
 mkdir -p "$OUT/prof"
-DEFAULT_VARIANTS="base||--parts matmul,chain:cudnn:ddpm250,chain:cudnn:ddpm250:bfloat16,hlo:cudnn --profile $OUT/prof
-cublaslt|--xla_gpu_enable_cublaslt=true|--parts chain:cudnn:ddpm250,hlo:cudnn:dense --profile $OUT/prof/cublaslt
-caps12x10||--parts chain:cudnn:ddpm250 --head_buckets 12 --group_buckets 10
-cudnn2|--xla_gpu_cudnn_gemm_fusion_level=2|--parts chain:cudnn:ddpm250,hlo:cudnn:dense --profile $OUT/prof/cudnn2"
+DEFAULT_VARIANTS="base||--parts chain:cudnn:ddpm250:float32,chain:cudnn:ddpm250:bfloat16,calls:cudnn,hlo:cudnn --profile $OUT/prof --profile_chains=false --calls 4 --forward_attention cudnn --residual_dtype bfloat16
+caps12x10||--parts chain:cudnn:ddpm250:bfloat16 --head_buckets 12 --group_buckets 10
+cudnn2|--xla_gpu_cudnn_gemm_fusion_level=2|--parts chain:cudnn:ddpm250:bfloat16,hlo:cudnn:dense --profile $OUT/prof/cudnn2"
 VARIANTS="${VARIANTS:-$DEFAULT_VARIANTS}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
   || echo "nvidia-smi not available"

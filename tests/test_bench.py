@@ -48,12 +48,19 @@ def test_bench_rows_for_dense_and_both_engines(tmp_path):
 
 def test_bench_calls_profile_and_cost_part_at_another_batch(tmp_path, capsys):
   rows = bench.run(BenchConfig(model="DiT-S/8", batch=1, samplers=("ddim50",), steps_limit=2,
-                               parts=("chain", "calls", "cost"), calls=2, engines=("buckets",),
-                               routers="synthetic:0.5", cost_batch=3, profile=str(tmp_path / "prof")))
-  assert [(r["part"], r["model"]) for r in rows] == [("chain", "dense"), ("chain", "DyDiT buckets"),
-                                                     ("calls", "dense"), ("calls", "DyDiT buckets"), ("cost", "dydit")]
+                               parts=("chain", "calls", "hlo", "cost"), calls=2, engines=("buckets-3x3",),
+                               routers="synthetic:0.5", cost_batch=3, profile=str(tmp_path / "prof"),
+                               profile_chains=False))
+  engine = "DyDiT buckets 3x3"          # an engine variant: its own head / group capacities
+  assert [(r["part"], r["model"]) for r in rows] == [("chain", "dense"), ("chain", engine), ("calls", "dense"),
+                                                     ("calls", engine), ("hlo", "dense"), ("hlo", engine),
+                                                     ("cost", "dydit")]
+  assert "3 attn + " in rows[1]["note"]
+  out = capsys.readouterr().out
+  assert out.count("profile call_ddim50_xla_") == 2 and "profile ddim50_xla_" not in out  # calls traced, chains not
+  assert "conditionals" in rows[5]["note"] and "conditionals" not in rows[4]["note"]
+  assert (tmp_path / "prof" / "hlo_DyDiT_buckets_3x3_xla.txt").stat().st_size > 1000
   assert 0.3 < rows[3]["MACs ratio"] < 0.7 and rows[3]["speedup"] > 0 and "ERROR" not in rows[3]["note"]
-  assert capsys.readouterr().out.count("profile ddim50_xla_") == 2
   cost_row = rows[-1]
   assert cost_row["rows"] == 6 and "ERROR" not in cost_row["note"]
   bytes_ratio = float(cost_row["note"].split("(ratio ")[-1].rstrip(")"))
@@ -77,3 +84,21 @@ def test_kernel_kinds_of_gpu_kernel_names():
            "loop_multiply_fusion": "fusion", "loop_select_fusion_7": "fusion", "fusion_6141": "fusion",
            "memcpy128": "copy", "Memset 3": "copy", "wrapped_iota": "other"}
   assert {name: profile_summary.kernel_kind(name) for name in kinds} == kinds
+
+
+def test_kernel_families_hlo_census_and_engine_variants():
+  assert profile_summary.kernel_family("loop_select_fusion.17") == "loop_select_fusion"
+  assert profile_summary.kernel_family("input_reduce_fusion_3") == "input_reduce_fusion"
+  assert profile_summary.kernel_family("nvjet_sm90_tst_128x160_64x5_1x2_h_bz_NNT") == "nvjet_sm90_tst_128x160_64x5_1x2_h_bz_NNT"
+  text = """%a = f32[2] custom-call(%x), custom_call_target="__cublas$lt$matmul", backend_config={"epilogue":"GELU"}
+  %b = f32[2] custom-call(%x), custom_call_target="__cublas$lt$matmul", backend_config={"epilogue":"BIAS"}
+  %c = f32[2] fusion(%x), kind=kLoop, calls=%f
+  %w = (s32[], /*index=5*/f32[2]) while(%t), condition=%c, body=%b"""
+  assert bench.parts.hlo_census(text) == "cublasLt 2, fusions 1, while loops 1, epilogues BIAS 1, GELU 1"
+  from dydit_jax.bench.config import engine_variant
+  from dydit_jax.errors import UserError
+  assert engine_variant("buckets") == ("buckets", None, None)
+  assert engine_variant("buckets-12x10") == ("buckets", 12, 10)
+  for bad in ("buckets-12", "segments-2x2", "bucket", "buckets-0x3"):
+    with pytest.raises(UserError, match="--engines"):
+      engine_variant(bad)

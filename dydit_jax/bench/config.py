@@ -21,6 +21,26 @@ ENGINES = ("buckets", "segments")
 TOKEN_CAPS = ("chain", "calibrated", "uniform")
 
 
+def engine_variant(name: str) -> tuple[str, int | None, int | None]:
+  """"buckets" -> ("buckets", None, None); "buckets-12x10" -> ("buckets", 12, 10) (head / group
+  capacities of that engine, overriding --head_buckets / --group_buckets)."""
+  kind, _, caps = name.partition("-")
+  try:
+    if kind not in ENGINES:
+      raise ValueError
+    if not caps:
+      return kind, None, None
+    if kind != "buckets":
+      raise ValueError
+    heads, groups = (int(v) for v in caps.split("x"))
+    if heads < 1 or groups < 1:
+      raise ValueError
+    return kind, heads, groups
+  except ValueError:
+    raise UserError(f"--engines takes {' and/or '.join(ENGINES)} (buckets optionally as buckets-HxG, "
+                    f"e.g. buckets-12x10), got {name!r}") from None
+
+
 def _field(default, help_text: str, kind: type | None = None):
   return dataclasses.field(default=default, metadata={"help": help_text, "kind": kind or type(default)})
 
@@ -50,13 +70,17 @@ class BenchConfig:
   steps_limit: int | None = _field(None, "run only K steps spread over each chain", int)
   profile: str | None = _field(None, "chain part: also trace one run of each chain into this folder and "
                                "print device busy / idle time and the top kernels", str)
+  profile_chains: bool = _field(True, "with --profile: trace whole chains in the chain part; false: only "
+                                "the calls part traces (one model call each: a much smaller trace)")
   warmup: int = _field(1, "chain part: run each chain once untimed first (0: no)")
   calls: int = _field(8, "model calls timed in the calls part")
   head_buckets: int = _field(8, "bucket engine: most head capacities")
   group_buckets: int = _field(6, "bucket engine: most MLP-group capacities")
   token_buckets: int = _field(8, "token capacities")
   engines: tuple[str, ...] = _field(("buckets",), "DyDiT engines to time: buckets (one program, per-layer "
-                                    "lax.switch) and/or segments (one program per range of steps)")
+                                    "lax.switch) and/or segments (one program per range of steps); "
+                                    "buckets-HxG overrides the head / group capacities of that row (e.g. "
+                                    "buckets,buckets-12x10 times both in one process)")
   segments: int = _field(8, "segment engine: ranges of steps (programs)")
   width_multiple: int = _field(1, "segment engine: round each layer's head / group count up to this multiple")
   token_caps: str = _field("chain", "token capacities fitted to the routed fractions of a short real chain "
@@ -66,7 +90,8 @@ class BenchConfig:
   cost_batch: int | None = _field(None, "cost part: images to cost the pieces at (default --batch; token "
                                   "counts of the chain's images tiled)", int)
   parts: tuple[str, ...] = _field(("matmul", "forward", "chain"), f"parts to run, in order: {PARTS}, "
-                                  "each optionally with ':arg' (e.g. chain:cudnn:ddpm250:bfloat16)")
+                                  "each optionally with ':arg' (e.g. chain:cudnn:ddpm250:bfloat16, or "
+                                  "chain:cudnn:ddpm250:float32:buckets+buckets-12x10 for other engines than --engines)")
   json: str | None = _field(None, "also write the rows (and run info) to this file", str)
   verbose: bool = _field(False, "print tracebacks of failed parts")
 
@@ -74,8 +99,8 @@ class BenchConfig:
     unknown = set(self.samplers) - set(SAMPLER_SPECS)
     if unknown:
       raise UserError(f"unknown samplers {sorted(unknown)}; choose from {sorted(SAMPLER_SPECS)}")
-    if set(self.engines) - set(ENGINES):
-      raise UserError(f"--engines takes {' and/or '.join(ENGINES)}, got {list(self.engines)}")
+    for engine in self.engines:
+      engine_variant(engine)
     for part in self.parts:
       if part.split(":")[0] not in PARTS:
         raise UserError(f"unknown part {part!r}; parts are {PARTS} (optionally with ':args')")

@@ -8,8 +8,11 @@ Parts (`BenchConfig.parts`, each in its own try/except so one failure never hide
            runs K steps spread over the schedule and extrapolates s/image to the full chain (said in
            the table). `chain:IMPL:SAMPLER[:RESIDUAL]` picks the attention implementation, one sampler
            and optionally the residual dtype (e.g. `chain:cudnn:ddpm250:bfloat16` next to
-           `chain:cudnn:ddpm250`: both residual streams in one process, each with its own dense row).
-  calls    single model calls (dense and DyDiT) per attention implementation, no sampler.
+           `chain:cudnn:ddpm250`: both residual streams in one process, each with its own dense row),
+           and optionally its own engines (`chain:cudnn:ddpm250:float32:buckets+buckets-12x10`) and
+           row kernel (`chain:cudnn:ddpm250:bfloat16:buckets:pallas`, `ModelConfig.row_kernel`).
+  calls    single model calls (dense and DyDiT) per attention implementation, no sampler; with
+           `profile`, one call of each is traced (a small trace: see `profile_chains`).
   hlo      what XLA fused: counts of library calls (cuBLAS / cuBLASLt with their epilogues, cuDNN
            fusions and attention, Triton GEMMs) and fusions in the compiled dense and DyDiT calls at
            the chain's rows; with `profile` set, their optimized HLO is written there too (kernel
@@ -42,7 +45,7 @@ from flax import nnx
 
 from dydit_jax.bench import cost, profile_summary
 from dydit_jax.bench.calibration import token_fraction_fn
-from dydit_jax.bench.config import SAMPLER_SPECS, BenchConfig
+from dydit_jax.bench.config import SAMPLER_SPECS, BenchConfig, engine_variant
 from dydit_jax.bench.measure import Table, matmul_rate, spread, timed
 from dydit_jax.bench.synthetic import set_synthetic_routers
 from dydit_jax.diffusion import create_diffusion, sampling_timesteps
@@ -130,7 +133,7 @@ class Bench:
       observed = np.asarray(token_fraction_fn(model, seed=c.seed)(nnx.state(model)))
     # One compute copy (block weights cast once); every dense model and engine shares its arrays.
     self.model = compute_model(model, c.dtype, residual_dtype=c.residual_dtype)
-    self._residual_models = {c.residual_dtype: self.model}
+    self._numerics_models = {(c.residual_dtype, "xla"): self.model}
     self.token_fractions = {}
     for s in self.diffusions:
       if c.token_caps == "chain":  # the sampler's own trajectory, in the compute dtype
@@ -146,26 +149,33 @@ class Bench:
       print(f"[{s}] {plan.summary()}", flush=True)
     self.labels = np.arange(c.batch, dtype=np.int32) % self.cfg.num_classes
 
-  # Models for one attention implementation (and residual dtype) ---------------------------------
-  def compute(self, residual: str | None = None) -> DiT:
-    """The compute copy with `residual` as its residual stream (same weight arrays, no copy)."""
-    residual = residual or self.config.residual_dtype
-    if residual not in self._residual_models:
-      self._residual_models[residual] = compute_model(self.model, self.config.dtype, residual_dtype=residual)
-    return self._residual_models[residual]
+  # Models for one attention implementation (residual dtype, row kernel) ---------------------------
+  def compute(self, residual: str | None = None, rows: str = "xla") -> DiT:
+    """The compute copy with `residual` as its residual stream and `rows` as its row kernel
+    (`ModelConfig.row_kernel`); same weight arrays, no copy."""
+    key = (residual or self.config.residual_dtype, rows)
+    if key not in self._numerics_models:
+      self._numerics_models[key] = compute_model(self.model, self.config.dtype, residual_dtype=key[0],
+                                                 row_kernel=rows)
+    return self._numerics_models[key]
 
-  def dense(self, impl, residual: str | None = None):
-    return compute_model(dit_from_dydit(self.compute(residual)), self.config.dtype, impl)
+  def dense(self, impl, residual: str | None = None, rows: str = "xla"):
+    return compute_model(dit_from_dydit(self.compute(residual, rows)), self.config.dtype, impl)
 
-  def engine(self, sampler: str, impl, kind: str = "buckets", residual: str | None = None):
+  def engine(self, sampler: str, impl, name: str = "buckets", residual: str | None = None, rows: str = "xla"):
+    """The DyDiT engine `name` (`config.engine_variant`) for `sampler`'s plan."""
     c = self.config
-    opts = EngineOptions(c.dtype, impl, c.head_buckets, c.group_buckets, c.token_buckets,
+    kind, heads, groups = engine_variant(name)
+    opts = EngineOptions(c.dtype, impl, heads or c.head_buckets, groups or c.group_buckets, c.token_buckets,
                          self.token_fractions[sampler])
-    model = self.compute(residual)
+    model = self.compute(residual, rows)
     if kind == "segments":
       return SegmentEngine(model, self.plans[sampler], opts, num_segments=c.segments,
                            width_multiple=c.width_multiple)
-    return DynamicEngine(model, self.plans[sampler], opts)
+    engine = DynamicEngine(model, self.plans[sampler], opts)
+    if heads:
+      engine.label = f"buckets {heads}x{groups}"
+    return engine
 
   def pct(self, tflops):
     return 100 * tflops / self.rate if self.rate else ""
@@ -201,32 +211,39 @@ class Bench:
       except Exception as e:  # noqa: BLE001 - report and continue with the next variant
         self.error(f"forward {impl}", e)
 
-  def part_chain(self, impl: str | None = None, sampler: str | None = None, residual: str | None = None):
-    """Dense and DyDiT chains (one row per engine of `engines`) for `sampler` (default: all of
-    `samplers`) with attention `impl` and residual stream `residual` (default `residual_dtype`)."""
+  def part_chain(self, impl: str | None = None, sampler: str | None = None, residual: str | None = None,
+                 engines: str | None = None, rows: str = "xla"):
+    """Dense and DyDiT chains (one row per engine of `engines`, "+"-separated, default --engines) for
+    `sampler` (default: all of `samplers`) with attention `impl`, residual stream `residual` (default
+    `residual_dtype`) and row kernel `rows` (xla | pallas, `ModelConfig.row_kernel`)."""
     c = self.config
+    engines = tuple(engines.split("+")) if engines else c.engines
+    for name in engines:
+      engine_variant(name)
     impl = impl or c.attention
     residual = residual or c.residual_dtype
-    suffix = "" if residual == c.residual_dtype else f", {residual} residual"
+    suffix = ("" if residual == c.residual_dtype else f", {residual} residual") + (
+        "" if rows == "xla" else f", {rows} row kernel")
+    residual_key = residual + suffix
     key = jax.random.PRNGKey(c.seed + 1)
-    dense_model = self.dense(impl, residual)
+    dense_model = self.dense(impl, residual, rows)
     for sampler in [sampler] if sampler else c.samplers:
       total = self.diffusions[sampler].num_timesteps
       steps = spread(total, c.steps_limit)
-      for name in ("dense",) + tuple(c.engines):
+      for name in ("dense",) + engines:
         try:
           if name == "dense":
             engine, run = None, Sampler(dense_model, sample_options(c, sampler), positions=steps)
           else:
-            engine = self.engine(sampler, impl, name, residual)
-            run = Sampler(self.compute(residual), sample_options(c, sampler, name), engine=engine,
+            engine = self.engine(sampler, impl, name, residual, rows)
+            run = Sampler(self.compute(residual, rows), sample_options(c, sampler, engine_variant(name)[0]), engine=engine,
                           positions=steps)
           compile_s = run.compile(c.batch)
           if c.warmup:  # first executions (allocations, library handles) stay out of the timing
             run.generate(self.labels, key)
           result, seconds = timed(run.generate, self.labels, key)
-          self._chain_row(sampler, impl, residual, suffix, total, steps, engine, result, seconds, compile_s)
-          if c.profile:  # one more, untimed run under the profiler
+          self._chain_row(sampler, impl, residual_key, suffix, total, steps, engine, result, seconds, compile_s)
+          if c.profile and c.profile_chains:  # one more, untimed run under the profiler
             label = name if engine is None else f"DyDiT {engine.label}"
             self._profile(f"{sampler}_{impl}_{label}{suffix}", run.generate, self.labels, key)
         except Exception as e:  # noqa: BLE001
@@ -298,6 +315,9 @@ class Bench:
           compile_s = time.perf_counter() - start
           jax.block_until_ready(fwd(arrays, x, ts[0], y, jnp.int32(positions[0])))
           outs, seconds = timed(lambda: [fwd(arrays, x, t, y, jnp.int32(p)) for t, p in zip(ts, positions)])
+          if self.config.profile:  # one call at the middle plan row, under the profiler
+            mid = len(positions) // 2
+            self._profile(f"call_{sampler}_{impl}_{name}", fwd, arrays, x, ts[mid], y, jnp.int32(positions[mid]))
           ms = 1e3 * seconds / len(positions)
           dense_call = flops.dense_macs(self.cfg) * rows * len(positions)
           if name == "dense":

@@ -18,16 +18,17 @@ BLOCK_MATMULS = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2
 
 
 def compute_model(model: DiT, dtype: str = "bfloat16", attention_impl: str | None = None,
-                  residual_dtype: str | None = None) -> DiT:
+                  residual_dtype: str | None = None, row_kernel: str | None = None) -> DiT:
   """The model rebuilt to compute in `dtype` with its block matmul weights stored in `dtype`.
 
-  attention_impl / residual_dtype: see `ModelConfig` (None keeps the model's). Routers and embedders
-  keep their stored dtype (routers always run in float32). Arrays already in `dtype` are reused, not
-  copied.
+  attention_impl / residual_dtype / row_kernel: see `ModelConfig` (None keeps the model's). Routers and
+  embedders keep their stored dtype (routers always run in float32). Arrays already in `dtype` are
+  reused, not copied.
   """
   cfg = model.config.replace(dtype=jnp.dtype(dtype).name,
                              attention_impl=attention_impl or model.config.attention_impl,
-                             residual_dtype=residual_dtype or model.config.residual_dtype)
+                             residual_dtype=residual_dtype or model.config.residual_dtype,
+                             row_kernel=row_kernel or model.config.row_kernel)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
 
   def cast(path, value):

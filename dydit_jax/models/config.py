@@ -31,7 +31,10 @@ RESIDUAL_DTYPES = ("float32", "bfloat16")
 # "xla".
 ATTENTION_IMPLS = ("xla", "cudnn")
 # How a model runs, not which weights it holds: checkpoints and width plans ignore them.
-RUNTIME_FIELDS = ("dtype", "attention_impl", "remat", "residual_dtype")
+RUNTIME_FIELDS = ("dtype", "attention_impl", "remat", "residual_dtype", "row_kernel")
+# How the row-wise work at a sub-block boundary (gated add, LayerNorm, adaLN) is computed: composed XLA
+# ops, or one Pallas pass per row (`dydit_jax.models.row_kernel`; GPU, or interpreted on the CPU).
+ROW_KERNELS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ class ModelConfig:
   # rematerialization of each block in training.
   attention_impl: str = "xla"
   remat: bool = False
+  row_kernel: str = "xla"
 
   def __post_init__(self):
     object.__setattr__(self, "attention_impl", normalize_attention(self.attention_impl))
@@ -76,6 +80,8 @@ class ModelConfig:
       raise UserError(f"router_format must be one of {ROUTER_FORMATS}, got {self.router_format!r}")
     if self.residual_dtype not in RESIDUAL_DTYPES:
       raise UserError(f"residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}")
+    if self.row_kernel not in ROW_KERNELS:
+      raise UserError(f"row_kernel must be one of {ROW_KERNELS}, got {self.row_kernel!r}")
     if self.mlp_hidden % self.num_heads:
       raise UserError(f"MLP width {self.mlp_hidden} does not split into {self.num_heads} groups")
 

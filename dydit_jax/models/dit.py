@@ -20,6 +20,7 @@ from flax import nnx
 from dydit_jax.models import layers
 from dydit_jax.models.config import ModelConfig
 from dydit_jax.models.routers import TokenRouter, WidthRouter
+from dydit_jax.models.row_kernel import norm_modulate
 
 
 def _dtypes(cfg: ModelConfig):
@@ -126,6 +127,7 @@ class DiTBlock(nnx.Module):
     d = cfg.hidden_size
     self.dynamic = cfg.dynamic
     self.tau = cfg.gate_tau
+    self.compute_dtype, self.row_kernel = jnp.dtype(cfg.dtype), cfg.row_kernel
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
     self.adaLN_modulation = layers.zero_linear(d, 6 * d, rngs=rngs, **_dtypes(cfg))
@@ -144,12 +146,12 @@ class DiTBlock(nnx.Module):
     keys = jax.random.split(key, 3) if (routed and train) else (None, None, None)
 
     head_mask = self.attn_rate(t_emb, train=train, key=keys[0], tau=self.tau) if routed else None
-    h = layers.modulate(layers.layer_norm(x), shift_msa, scale_msa)
-    x = layers.residual_add(x, gate_msa[:, None] * self.attn(h, head_mask).astype(jnp.float32))
+    h = norm_modulate(x, shift_msa, scale_msa, self.compute_dtype, impl=self.row_kernel)
+    x, h = norm_modulate(x, shift_mlp, scale_mlp, self.compute_dtype, update=self.attn(h, head_mask),
+                         gate=gate_msa, impl=self.row_kernel)
 
     token_mask = self.token_selection(x, train=train, key=keys[1], tau=self.tau) if routed else None
     group_mask = self.mlp_rate(t_emb, train=train, key=keys[2], tau=self.tau) if routed else None
-    h = layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp)
     branch = gate_mlp[:, None] * self.mlp(h, group_mask).astype(jnp.float32)
     if token_mask is not None:
       branch = branch * token_mask[..., None]
