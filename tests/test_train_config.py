@@ -59,6 +59,6 @@ def test_demo_variants():
   for c in (full, quick):
     validate(c)
     cfg = build_model_config(c.model)
-    assert (cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.num_tokens) == (32, 1, 10, 256)
+    assert (cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.num_tokens) == (32, 1, 10, 64)
     assert c.mode == "demo" and c.data.name == "mnist" and c.dydit.lam == 0.5
   assert quick.demo.dit_steps < full.demo.dit_steps and quick.total_steps < full.total_steps

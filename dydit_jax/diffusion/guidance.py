@@ -2,10 +2,14 @@
 
 The batch is doubled: rows [0, N) carry the class labels, rows [N, 2N) the null class. As in the
 official `forward_with_cfg`, only the first half of `x` is used (duplicated), and guidance is applied
-to the first `guided_channels` output channels. The default 3 is the legacy GLIDE leftover the
-published FIDs (DiT 2.27, DyDiT 2.07) depend on; pass the number of latent channels (4) for standard
-guidance. Unguided channels and the learned variance come from each half's own prediction, so the
-conditional half (the one samplers keep) uses conditional values.
+to the first `guided_channels` output channels. Unguided channels and the learned variance come from
+each half's own prediction, so the conditional half (the one samplers keep) uses conditional values.
+
+Which channels are guided by default (`guided_channel_count`): for 4-channel latents the first 3, the
+legacy GLIDE leftover the published FIDs (DiT 2.27, DyDiT 2.07) depend on (pass 4 for standard
+guidance); for any other input the eps channels, as many as the input has. The legacy count is
+not a rule to generalize: on a 1-channel pixel model, whose output is [eps | v], 3 would reach
+into the learned-variance channel, and guiding a variance extrapolates it out of its range.
 """
 from __future__ import annotations
 
@@ -20,10 +24,20 @@ LEGACY_GUIDED_CHANNELS = 3
 Forward = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
+def guided_channel_count(in_channels: int) -> int:
+  """The output channels CFG guides by default for a model of `in_channels` (module docstring)."""
+  return LEGACY_GUIDED_CHANNELS if in_channels == 4 else in_channels
+
+
 def forward_with_cfg(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], x: jax.Array,
                      t: jax.Array, y: jax.Array, cfg_scale: float,
-                     guided_channels: int = LEGACY_GUIDED_CHANNELS) -> jax.Array:
-  """model_fn(x, t, y) -> (2N,H,W,C_out) NHWC; returns the guided output for the doubled batch."""
+                     guided_channels: int | None = None) -> jax.Array:
+  """model_fn(x, t, y) -> (2N,H,W,C_out) NHWC; returns the guided output for the doubled batch.
+
+  guided_channels: None = `guided_channel_count` of x's channels.
+  """
+  if guided_channels is None:
+    guided_channels = guided_channel_count(x.shape[-1])
   half = x[: x.shape[0] // 2]
   out = model_fn(jnp.concatenate([half, half], axis=0), t, y)
   eps, rest = out[..., :guided_channels], out[..., guided_channels:]

@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.demo.dit_steps = 600
   c.demo.dit_lr = 2e-3
   c.demo.dit_ema_decay = 0.99
+  c.demo.judge_steps = 1200        # training steps of the digit judge (dydit_jax.judge), cached in DIR/judge
   c.lock()                         # a typo in a config file is an error, as on the command line
   return c
 
