@@ -15,8 +15,6 @@ SAMPLES: samples.metrics.json).
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Sequence
 
 from absl import flags
 
-from dydit_jax import cli
+from dydit_jax import cli, files
 from dydit_jax.errors import UserError
 from dydit_jax.evaluation import manifold, metrics
 from dydit_jax.evaluation.batches import ImageBatch
@@ -94,9 +92,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
             "sample_images": samples.count, "ref_statistics": "file" if ref.stats else "images",
             "seconds_inception": round(seconds_inception, 1),
             "seconds_total": round(time.perf_counter() - start, 1)}
-  tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text(json.dumps(record, indent=2) + "\n")
-  os.replace(tmp, out)
+  files.atomic_write_json(out, record)
   print(f"wrote {out}")
 
 

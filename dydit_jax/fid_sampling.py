@@ -49,7 +49,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from dydit_jax import images
+from dydit_jax import files, images
 from dydit_jax.errors import UserError
 from dydit_jax.sampler import Sampler
 from dydit_jax.vae.batched import BatchedVAE, decode_to_images
@@ -201,18 +201,11 @@ def _write_plan(out: str, plan: dict[str, Any], host: int) -> None:
   os.makedirs(chunks_dir(out), exist_ok=True)
   path = os.path.join(chunks_dir(out), PLAN_FILE)
   if not os.path.exists(path):
-    _atomic_write(path, lambda f: f.write(json.dumps(plan, indent=2).encode()), host)
+    files.atomic_write_json(path, plan, tmp_suffix=f".tmp-{host}")
 
 
 def _atomic_write(path: str, write, host: int = 0) -> None:
-  """write(file) into a temporary name next to `path`, flushed to disk, then renamed: readers see the
-  whole file or nothing."""
-  tmp = f"{path}.tmp-{host}"
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  files.atomic_write(path, write, tmp_suffix=f".tmp-{host}")
 
 
 def _sample_chunk(sampler: Sampler, decoder, plan, out: str, c: int, bounds: tuple[int, int], noise_key) -> None:
@@ -282,7 +275,7 @@ def _assemble(out: str, plan: dict[str, Any], *, compile_s: float, wall_s: float
       "compile_s": compile_s, "wall_s": wall_s, "hosts": hosts, "local_devices": jax.local_device_count(),
       "model_fingerprint": plan["model_fingerprint"], "vae_fingerprint": plan["vae_fingerprint"],
       "sources": plan["sources"]}
-  _atomic_write(summary_path(out), lambda f: f.write(json.dumps(summary, indent=2).encode()))
+  files.atomic_write_json(summary_path(out), summary, tmp_suffix=".tmp-0")
   shutil.rmtree(chunks_dir(out))
   logging.info("wrote %s: %d samples %s, block-MACs ratio %.4f, %.2f images/s", out, plan["num_samples"],
                tuple(shape), summary["flops_ratio"], summary["images_per_s"])

@@ -229,7 +229,9 @@ class DigitJudge:
       idx = np.concatenate([idx[y[idx] == c][:per_class] for c in range(NUM_CLASSES)])[:count]
     return x[idx], y[idx]
 
-  def real_baseline_fd(self, count: int) -> float:
-    """FD between `count` real training digits and the held-out set: what a perfect generator scores
-    with `count` samples (the estimator's small-sample bias)."""
-    return self.frechet_distance(self.real_digits(count, held_out=False)[0], self.real_digits()[0])
+  def real_baseline_fd(self, count: int, reference: Statistics | None = None) -> float:
+    """FD between `count` real training digits and the held-out set (`reference`: its statistics, if
+    the caller has them already): what a perfect generator scores with `count` samples (the
+    estimator's small-sample bias)."""
+    reference = reference or self.stats(self.real_digits()[0])
+    return frechet_from_stats(self.stats(self.real_digits(count, held_out=False)[0]), reference)

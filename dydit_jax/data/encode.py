@@ -46,6 +46,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from dydit_jax import files
 from dydit_jax.data import latents as fmt
 from dydit_jax.errors import UserError
 
@@ -111,10 +112,7 @@ def _check_plan(out_dir: str, plan: dict[str, Any]) -> None:
   if os.path.isdir(out_dir) and any(name.startswith("latents-") for name in os.listdir(out_dir)):
     raise UserError(f"{out_dir} holds latent shards but no {PLAN_FILE}; choose a new folder.")
   os.makedirs(out_dir, exist_ok=True)
-  tmp = f"{path}.tmp-{jax.process_index()}"
-  with open(tmp, "w") as f:
-    json.dump(plan, f, indent=2)
-  os.replace(tmp, path)
+  files.atomic_write_json(path, plan, tmp_suffix=f".tmp-{jax.process_index()}")
 
 
 class _Progress:

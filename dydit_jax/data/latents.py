@@ -37,6 +37,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 import grain
 import numpy as np
 
+from dydit_jax import files
 from dydit_jax.errors import UserError
 
 METADATA_FILE = "metadata.json"
@@ -64,10 +65,7 @@ def posterior_noise(shape: tuple[int, ...], *entropy: int) -> np.ndarray:
 
 def write_metadata(out_dir: str, metadata: dict[str, Any]) -> None:
   """Writes `metadata.json` atomically (temporary file, then rename): the folder's 'finished' mark."""
-  tmp = os.path.join(out_dir, METADATA_FILE + _TMP)
-  with open(tmp, "w") as f:
-    json.dump(metadata, f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, METADATA_FILE))
+  files.atomic_write_json(os.path.join(out_dir, METADATA_FILE), metadata, tmp_suffix=_TMP)
 
 
 def _record(latent: np.ndarray, label, std: np.ndarray | None = None) -> bytes:

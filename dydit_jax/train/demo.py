@@ -90,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   real = judge.real_digits()[0]
   real_stats = judge.stats(real)
   report["judge"] = {"held_out_accuracy": judge.held_out_accuracy, "held_out_digits": len(real),
-                     "real_baseline_fd": judge.real_baseline_fd(len(labels))}
+                     "real_baseline_fd": judge.real_baseline_fd(len(labels), real_stats)}
   models, results = {}, {}
   for name in ("dit", "dydit"):
     models[name] = checkpoints.load_model(str(root / name))
