@@ -126,7 +126,8 @@ class Sampler:
                positions: Sequence[int] | None = None):
     self.config: ModelConfig = model.config
     self.options = options
-    self.diffusion = create_diffusion(options.steps, learn_sigma=self.config.learn_sigma)
+    self.diffusion = create_diffusion(options.steps, learn_sigma=self.config.learn_sigma,
+                                      prediction=self.config.prediction)
     chain = sampling_timesteps(self.diffusion)
     self.positions = np.arange(len(chain)) if positions is None else np.unique(np.asarray(positions, np.int32))
     if self.positions.min() < 0 or self.positions.max() >= len(chain):

@@ -238,7 +238,7 @@ def test_fixed_variances_and_start_x():
   assert float(at_zero["variance"].max()) == 0.0 and float(at_zero["log_variance"].max()) < -5
   got = large.p_mean_variance_from_output(out, xj, t)["variance"]
   np.testing.assert_allclose(got[:, 0, 0, 0], np.append(ref.pv[1], ref.b[1:])[T_1000], **F32)
-  x0_model = create_diffusion("", learn_sigma=False, predict_xstart=True)
+  x0_model = create_diffusion("", learn_sigma=False, prediction="x0")
   np.testing.assert_array_equal(x0_model.p_mean_variance_from_output(out, xj, t)["pred_xstart"],
                                 out)
   with pytest.raises(ValueError):  # a learned-sigma chain needs 2C output channels
@@ -316,6 +316,52 @@ def test_vb_trains_only_the_variance_and_mse_only_the_mean():
   g_vb, g_mse = grad_of("vb"), grad_of("mse")
   assert jnp.all(g_vb[..., :3] == 0) and jnp.all(jnp.abs(g_vb[..., 3:]).sum((1, 2, 3)) > 0)
   assert jnp.all(g_mse[..., 3:] == 0) and jnp.all(jnp.abs(g_mse[..., :3]).sum((1, 2, 3)) > 0)
+
+
+def test_v_prediction_target_and_x0_follow_the_definition():
+  """v = sqrt(abar) eps - sqrt(1 - abar) x0 (float64 reference): a model that outputs the true v has
+  zero MSE, its x0 and mean equal those of an eps-model that outputs the true eps, on a spaced
+  chain too (respacing keeps abar at the kept steps)."""
+  x0, noise = data(12)
+  for spacing, t_idx in (("", T_1000), ("250", T_250)):
+    eps_chain = create_diffusion(spacing, learn_sigma=False)
+    v_chain = create_diffusion(spacing, learn_sigma=False, prediction="v")
+    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[ref_space(1000, spacing or "1000")][t_idx]
+    ab = ab[:, None, None, None]
+    xt = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
+    v_true = np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0
+    with jax.enable_x64(True):
+      t = jnp.asarray(t_idx)
+      np.testing.assert_allclose(v_chain.velocity(jnp.asarray(x0), t, jnp.asarray(noise)), v_true, **X64)
+      terms = v_chain.training_losses(lambda x, tt: jnp.asarray(v_true), jnp.asarray(x0), t,
+                                      jnp.asarray(noise))
+      np.testing.assert_allclose(terms["mse"], 0.0, atol=1e-20)
+      # A wrong v costs its squared error, not eps's.
+      off = v_chain.training_losses(lambda x, tt: jnp.asarray(v_true + 0.5), jnp.asarray(x0), t,
+                                    jnp.asarray(noise))
+      np.testing.assert_allclose(off["mse"], 0.25, **X64)
+      by_v = v_chain.p_mean_variance_from_output(jnp.asarray(v_true), jnp.asarray(xt), t)
+      by_eps = eps_chain.p_mean_variance_from_output(jnp.asarray(noise), jnp.asarray(xt), t)
+    np.testing.assert_allclose(by_v["pred_xstart"], x0, **X64)
+    np.testing.assert_allclose(by_v["mean"], by_eps["mean"], **X64)
+  with pytest.raises(ValueError, match="prediction"):
+    create_diffusion("", prediction="velocity")
+
+
+def test_v_prediction_ddim_with_an_oracle_recovers_the_data():
+  """A v-model that knows x0 (v computed from x_t and the true x0) sends deterministic DDIM to x0."""
+  x0 = jnp.asarray(data(13, np.float32)[0])
+  chain = create_diffusion("ddim25", learn_sigma=False, prediction="v")
+  ab_full = jnp.asarray(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), jnp.float32)
+
+  def oracle(x, t):
+    ab = ab_full[t][:, None, None, None]
+    eps = (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)
+    return jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * x0
+
+  noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
+  out = ddim_sample(oracle, chain, noise, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(out, x0, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- single steps

@@ -45,3 +45,22 @@ def test_explicit_count_overrides_the_default():
   standard = forward_with_cfg(fn, x, jnp.zeros(2, jnp.int32), y, 2.0, guided_channels=4)
   np.testing.assert_array_equal(default, legacy)               # 4-channel latents: bit-for-bit legacy
   assert not np.allclose(standard[..., 3], legacy[..., 3])
+
+
+def test_guiding_velocity_equals_guiding_eps():
+  """A v-model guided as v takes the same DDPM step as the eps-model whose outputs are its v's eps."""
+  from dydit_jax.diffusion import create_diffusion
+  v_chain = create_diffusion("50", learn_sigma=False, prediction="v")
+  eps_chain = create_diffusion("50", learn_sigma=False)
+  k = jax.random.split(jax.random.PRNGKey(3), 3)
+  x = jax.random.normal(k[0], (2, 4, 4, 1))
+  v_cond, v_null = (jax.random.normal(kk, x.shape) for kk in k[1:])
+  t = jnp.asarray([40, 7])
+  ab = jnp.asarray(v_chain.alphas_cumprod, jnp.float32)[t][:, None, None, None]
+  to_eps = lambda v: jnp.sqrt(1 - ab) * x + jnp.sqrt(ab) * v       # eps of a v at this x_t
+  scale = 4.0
+  by_v = v_chain.p_mean_variance_from_output(v_null + scale * (v_cond - v_null), x, t)["mean"]
+  by_eps = eps_chain.p_mean_variance_from_output(
+      to_eps(v_null) + scale * (to_eps(v_cond) - to_eps(v_null)), x, t)["mean"]
+  np.testing.assert_allclose(by_v, by_eps, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(by_v, v_chain.p_mean_variance_from_output(v_cond, x, t)["mean"], atol=1e-3)

@@ -33,14 +33,15 @@ def dit(tiny_dit):
 
 def _reference(model, sampler, steps, cfg_scale, key):
   """The diffusion helper's own sampler on the same noise (generate's key protocol)."""
+  chain = create_diffusion(steps, prediction=model.config.prediction)
   noise_key, chain_key = jax.random.split(key)
   noise = row_noise(noise_key, np.arange(len(LABELS)), (8, 8, 1))   # image i's noise: fold_in(key, i)
   run = ddpm_sample if sampler == "ddpm" else ddim_sample
   if cfg_scale == 1.0:
-    return run(lambda x, t: model(x, t, jnp.asarray(LABELS)), create_diffusion(steps), noise, chain_key)
+    return run(lambda x, t: model(x, t, jnp.asarray(LABELS)), chain, noise, chain_key)
   y = cfg_labels(jnp.asarray(LABELS), CFG.num_classes)
   fn = lambda x, t: forward_with_cfg(lambda a, b, c: model(a, b, c), x, t, y, cfg_scale)
-  return run(fn, create_diffusion(steps), jnp.concatenate([noise, noise]), chain_key)[:len(LABELS)]
+  return run(fn, chain, jnp.concatenate([noise, noise]), chain_key)[:len(LABELS)]
 
 
 @pytest.mark.parametrize("sampler,steps,cfg_scale", [("ddpm", "10", 1.0), ("ddim", "10", 3.0)])
@@ -53,6 +54,18 @@ def test_generate_equals_the_diffusion_samplers(dit, sampler, steps, cfg_scale):
   t = result.timesteps
   assert len(t) == 10 and t[0] == 999 and t[-1] == 0 and np.all(np.diff(t) < 0)
   assert result.flops_ratio == 1.0 and result.macs_ratio == 1.0      # a DiT computes everything
+
+
+def test_a_velocity_model_samples_as_velocity(dit):
+  """The model's config says what it predicts, and the Sampler's chain reads its output that way."""
+  v_model = DiT(dataclasses.replace(dit.config, prediction="v"), rngs=nnx.Rngs(0))
+  nnx.update(v_model, nnx.state(dit))
+  key = jax.random.PRNGKey(4)
+  options = sample.SampleOptions(sampler="ddpm", steps="10", cfg_scale=2.0)
+  got = sample.generate(v_model, LABELS, key, options).samples
+  np.testing.assert_allclose(got, _reference(v_model, "ddpm", "10", 2.0, key), rtol=1e-5, atol=1e-5)
+  as_eps = sample.generate(dit, LABELS, key, options).samples       # same weights read as eps
+  assert np.abs(got - as_eps).max() > 1e-2
 
 
 def test_flops_statistics_of_closed_routers():

@@ -61,4 +61,14 @@ def test_demo_variants():
     cfg = build_model_config(c.model)
     assert (cfg.input_size, cfg.in_channels, cfg.num_classes, cfg.num_tokens) == (32, 1, 10, 64)
     assert c.mode == "demo" and c.data.name == "mnist" and c.dydit.lam == 0.5
+    assert cfg.prediction == "v"          # the demo's recipe; official checkpoints are eps
   assert quick.demo.dit_steps < full.demo.dit_steps and quick.total_steps < full.total_steps
+
+
+def test_prediction_is_checked_where_it_is_set():
+  from dydit_jax.errors import UserError
+  c = load("demo").get_config()
+  assert build_model_config(load("xl").get_config().model).prediction == "eps"
+  c.model.prediction = "velocity"
+  with pytest.raises(UserError, match="prediction must be one of"):
+    build_model_config(c.model)

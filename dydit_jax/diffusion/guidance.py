@@ -7,9 +7,11 @@ each half's own prediction, so the conditional half (the one samplers keep) uses
 
 Which channels are guided by default (`guided_channel_count`): for 4-channel latents the first 3, the
 legacy GLIDE leftover the published FIDs (DiT 2.27, DyDiT 2.07) depend on (pass 4 for standard
-guidance); for any other input the eps channels, as many as the input has. The legacy count is
-not a rule to generalize: on a 1-channel pixel model, whose output is [eps | v], 3 would reach
-into the learned-variance channel, and guiding a variance extrapolates it out of its range.
+guidance); for any other input the mean channels (eps, x0 or velocity), as many as the input has.
+The legacy count is not a rule to generalize: on a 1-channel pixel model, whose output is
+[mean | variance], 3 would reach into the learned-variance channel, and guiding a variance
+extrapolates it out of its range. Guiding x0 or velocity equals guiding eps: at a fixed x_t each
+is an affine function of eps with the same coefficients for both halves.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dydit_jax.diffusion.gaussian import (GaussianDiffusion, LossType, ModelMeanType,
-                                          ModelVarType, get_named_beta_schedule)
+from dydit_jax.diffusion.gaussian import (PREDICTIONS, GaussianDiffusion, LossType, ModelVarType,
+                                          get_named_beta_schedule)
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
@@ -81,7 +81,7 @@ class SpacedDiffusion(GaussianDiffusion):
 
 def create_diffusion(timestep_respacing: str | Sequence[int] | None = "",
                      noise_schedule: str = "linear", use_kl: bool = False,
-                     sigma_small: bool = False, predict_xstart: bool = False,
+                     sigma_small: bool = False, prediction: str = "eps",
                      learn_sigma: bool = True, rescale_learned_sigmas: bool = False,
                      diffusion_steps: int = 1000) -> SpacedDiffusion:
   """DiT's diffusion factory: defaults give eps-prediction, learned-range variance, MSE loss.
@@ -92,11 +92,13 @@ def create_diffusion(timestep_respacing: str | Sequence[int] | None = "",
     noise_schedule: "linear" (DiT) or "squaredcos_cap_v2".
     use_kl: train on the rescaled variational bound only.
     sigma_small: with fixed variance, use the posterior variance instead of beta.
-    predict_xstart: the model predicts x_0 instead of eps.
+    prediction: what the model's mean channels predict: "eps" (DiT), "x0" or "v" (velocity).
     learn_sigma: the model outputs [mean | v] with LEARNED_RANGE variance.
     rescale_learned_sigmas: scale the VB term by num_timesteps / 1000 (RESCALED_MSE).
     diffusion_steps: length of the original chain.
   """
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"prediction must be one of {sorted(PREDICTIONS)}, got {prediction!r}")
   betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
   if use_kl:
     loss_type = LossType.RESCALED_KL
@@ -112,5 +114,5 @@ def create_diffusion(timestep_respacing: str | Sequence[int] | None = "",
     timestep_respacing = [diffusion_steps]
   return SpacedDiffusion(
       space_timesteps(diffusion_steps, timestep_respacing), betas,
-      model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
+      model_mean_type=PREDICTIONS[prediction],
       model_var_type=var_type, loss_type=loss_type)

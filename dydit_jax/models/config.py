@@ -10,6 +10,7 @@ import dataclasses
 import json
 from typing import Any
 
+from dydit_jax.diffusion.gaussian import PREDICTIONS
 from dydit_jax.errors import UserError
 
 # name -> (depth, hidden_size, num_heads); patch size comes from the "/p" suffix.
@@ -51,6 +52,9 @@ class ModelConfig:
   class_dropout_prob: float = 0.1
   num_classes: int = 1000
   learn_sigma: bool = True
+  # What the mean channels predict: "eps" (DiT, every official checkpoint), "x0" or "v" (velocity,
+  # which the CPU demo trains from scratch; see dydit_jax.diffusion.gaussian.ModelMeanType).
+  prediction: str = "eps"
   # DyDiT: routers present (timestep-wise width + spatial token routers).
   dynamic: bool = False
   router_format: str = "forced_first"
@@ -76,6 +80,8 @@ class ModelConfig:
       raise UserError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.input_size % self.patch_size:
       raise UserError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+    if self.prediction not in PREDICTIONS:
+      raise UserError(f"prediction must be one of {sorted(PREDICTIONS)}, got {self.prediction!r}")
     if self.router_format not in ROUTER_FORMATS:
       raise UserError(f"router_format must be one of {ROUTER_FORMATS}, got {self.router_format!r}")
     if self.residual_dtype not in RESIDUAL_DTYPES:

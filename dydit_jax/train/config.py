@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dynamic = True           # DyDiT (routers); False trains a plain DiT
   c.model.router_format = "forced_first"
   c.model.class_dropout_prob = 0.1
+  c.model.prediction = "eps"       # what the model predicts: "eps" (DiT's checkpoints), "x0", "v"
   c.model.dtype = "float32"        # compute dtype; "bfloat16" for speed (params stay float32)
   c.model.attention_impl = ""      # "" = XLA, "cudnn" = fused GPU attention
   c.model.remat = False            # rematerialize blocks in the backward pass (saves memory)
@@ -143,6 +144,7 @@ def build_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
                                      "num_heads") if model[k] > 0}
   return model_config(model.name, image_size=model.image_size, dynamic=model.dynamic,
                       router_format=model.router_format, class_dropout_prob=model.class_dropout_prob,
+                      prediction=model.prediction,
                       dtype=model.dtype, attention_impl=model.attention_impl or None, remat=model.remat,
                       **overrides)
 

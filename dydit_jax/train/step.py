@@ -47,7 +47,7 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef, tx: optax.Gradient
                     config: ml_collections.ConfigDict, *, with_complete: bool
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """The step function for model `cfg` under the run `config` (values read once, here)."""
-  diffusion = create_diffusion("", learn_sigma=cfg.learn_sigma)
+  diffusion = create_diffusion("", learn_sigma=cfg.learn_sigma, prediction=cfg.prediction)
   num_timesteps = diffusion.num_timesteps
   dynamic = cfg.dynamic
   with_complete = with_complete and dynamic
