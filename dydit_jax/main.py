@@ -8,8 +8,9 @@
            (model, data, batch size, ...) is refused unless --config.allow_config_change=True
            (dydit_jax/train/resume.py).
 
-Modes (config.mode): "train" (fine-tune from config.init_checkpoint, or config.from_scratch) and
-"demo" (the MNIST DiT -> DyDiT walk-through, dydit_jax/train/demo.py).
+Modes (config.mode): "train" (fine-tune from config.init_checkpoint, or config.from_scratch), "demo"
+(the MNIST DiT -> DyDiT walk-through, dydit_jax/train/demo.py) and "sweep" (the demo's DyDiT at
+several lambdas against a dense control, scored and timed: dydit_jax/train/sweep.py).
 
 Bad input (a flag, the config file or its argument, a field or value, a missing file, a refused
 resume) stops the run before anything is written, with one `error: ...` line on stderr and exit
@@ -148,6 +149,9 @@ def main(argv):
   if config.mode == "demo":
     from dydit_jax.train import demo  # pylint: disable=g-import-not-at-top
     summary = demo.run(config, FLAGS.workdir)
+  elif config.mode == "sweep":
+    from dydit_jax.train import sweep  # pylint: disable=g-import-not-at-top
+    summary = sweep.run(config, FLAGS.workdir)
   else:
     from dydit_jax.train import loop  # pylint: disable=g-import-not-at-top
     summary = loop.train(config, FLAGS.workdir)

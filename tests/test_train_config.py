@@ -14,7 +14,7 @@ def load(name):
   return module
 
 
-@pytest.mark.parametrize("name", ["demo", "imagenet", "xl"])
+@pytest.mark.parametrize("name", ["demo", "imagenet", "xl", "repro_small"])
 def test_docstring_gives_the_run_command(name):
   assert f"python -m dydit_jax.main --config=configs/{name}.py" in load(name).__doc__
 

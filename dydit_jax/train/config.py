@@ -22,7 +22,7 @@ from dydit_jax.train.dydit_objectives import FLOPS_LOSS_WEIGHT, LAMBDA_HOLD_STEP
 def base_config() -> ml_collections.ConfigDict:
   """All fields with the recipe defaults (fine-tune DiT-XL/2 at 256 px into DyDiT, lambda=0.5)."""
   c = ml_collections.ConfigDict()
-  c.mode = "train"                 # "train" (one run in --workdir) or "demo" (see train/demo.py)
+  c.mode = "train"                 # "train" (one run in --workdir), "demo" (train/demo.py), "sweep" (train/sweep.py)
   c.seed = 0                       # params init (scratch), noise, timesteps, gates, label dropout
   # Where the weights come from when the workdir holds no checkpoint yet (a checkpoint always wins:
   # that is the automatic resume). Exactly one of the two must be set.
@@ -112,6 +112,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.demo.dit_lr = 2e-3
   c.demo.dit_ema_decay = 0.99
   c.demo.judge_steps = 1200        # training steps of the digit judge (dydit_jax.judge), cached in DIR/judge
+
+  # mode "sweep" only (train/sweep.py): the demo's stages at several lambdas plus a dense control, each
+  # model scored by the digit judge and timed. The fine-tune length of every model is total_steps.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.lams = (0.9, 0.7, 0.5, 0.3)   # one DyDiT per target FLOPs ratio
+  c.sweep.samplers = ("ddpm", "ddim")
+  c.sweep.sampling_steps = 50      # steps of each sampler ("50" for DDPM, "ddim50" for DDIM)
+  c.sweep.num_samples = 2000       # class-balanced samples per model and sampler (a multiple of the classes)
+  c.sweep.batch = 500              # images per sampling call
+  c.sweep.engine = "buckets"       # the fast engine the DyDiTs sample with ("buckets" | "segments")
+  c.sweep.bootstrap = 20           # resamples of the samples for the spread of each metric
+  c.sweep.grid_per_class = 8       # columns of each sample grid PNG
   c.lock()                         # a typo in a config file is an error, as on the command line
   return c
 
@@ -172,7 +184,8 @@ def validate(config: ml_collections.ConfigDict, *, resuming: bool = False) -> No
     if not ok:
       raise UserError(message)
 
-  need(config.mode in ("train", "demo"), f"config.mode must be 'train' or 'demo', got {config.mode!r}")
+  need(config.mode in ("train", "demo", "sweep"),
+       f"config.mode must be 'train', 'demo' or 'sweep', got {config.mode!r}")
   need(not (config.init_checkpoint and config.from_scratch),
        "set exactly one of config.init_checkpoint (a converted DiT dir or a workdir to fine-tune from) "
        "and config.from_scratch=True, not both")

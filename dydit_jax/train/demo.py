@@ -60,7 +60,7 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: epath.Path):
   return dit, dydit
 
 
-def _stage_report(summary: dict[str, Any], workdir: epath.Path) -> dict[str, Any]:
+def stage_report(summary: dict[str, Any], workdir: epath.Path) -> dict[str, Any]:
   """Steps, speed and the last logged metrics (from metrics.jsonl, so a rerun reports them too)."""
   keys = ("loss", "mse", "vb", "flops_loss", "flops_ratio", "lam", "complete_loss", "skipped", "grad_norm")
   last = next((row for row in reversed(read_metrics(str(workdir))) if "loss" in row), {})
@@ -80,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if summary["preempted"]:
       logging.warning("demo interrupted in stage %s; rerun the same command to continue", name)
       return {"preempted": True, "stage": name}
-    report[name] = _stage_report(summary, root / name)
+    report[name] = stage_report(summary, root / name)
 
   s = config.sample
   labels = class_labels(range(config.model.num_classes), s.per_class)

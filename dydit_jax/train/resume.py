@@ -84,6 +84,7 @@ RULES: tuple[tuple[str, str, str], ...] = (
     ("sample", ALLOW, _RUNTIME),
     ("allow_config_change", ALLOW, "the override itself"),
     ("demo", ALLOW, "read by the demo driver, not by a training run"),
+    ("sweep", ALLOW, "read by the sweep driver, not by a training run"),
 )
 
 
