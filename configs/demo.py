@@ -9,8 +9,8 @@ Both grids show digits of their row's class: the project's digit judge (dydit_ja
 0.95-0.98 of the DiT's and 0.90-0.98 of the DyDiT's samples as their class (3 seeds, §5), at a
 measured MACs ratio of 0.51, in 7-8 minutes on 2 CPU cores.
 
-Reduced demo for CI (checks the pipeline, not the pictures: a few steps of each stage, a short judge;
-its samples are not digits):
+Reduced demo for CI (checks the pipeline, not the pictures: a few steps of each stage at batch 16, a
+short judge; its samples are not digits):
 
   python -m dydit_jax.main --config=configs/demo.py:quick=1 --workdir=/tmp/dydit_demo_quick
 
@@ -61,7 +61,7 @@ def get_config(arg=None):
   c.model.num_heads = 4
   c.model.prediction = "v"
   c.data.name = "mnist"
-  c.batch_size = 32
+  c.batch_size = 16 if quick else 32   # quick: CI checks the pipeline, half the step cost
 
   # Stage 1 (plain DiT from scratch); the fields below it are stage 2 (DyDiT fine-tuning).
   c.demo.dit_steps = 20 if quick else 1500
