@@ -308,8 +308,12 @@ class GaussianDiffusion:
         # IDDPM's rescale "for equivalence with the initial implementation".
         terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
       model_output = mean_output
-    target = {ModelMeanType.EPSILON: noise, ModelMeanType.START_X: x_start,
-              ModelMeanType.VELOCITY: self.velocity(x_start, t, noise)}[self.model_mean_type]
+    if self.model_mean_type == ModelMeanType.EPSILON:
+      target = noise
+    elif self.model_mean_type == ModelMeanType.VELOCITY:
+      target = self.velocity(x_start, t, noise)
+    else:
+      target = x_start
     terms["mse"] = likelihoods.mean_flat(jnp.square(target - model_output))
     terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
     return terms

@@ -33,6 +33,7 @@ from etils import epath
 
 from dydit_jax import checkpoints, images
 from dydit_jax.engine.plan import WidthPlan
+from dydit_jax.evaluation.metrics import Statistics
 from dydit_jax.judge import DigitJudge, JudgeSettings, frechet_from_stats
 from dydit_jax.sampler import SampleOptions, Sampler, class_labels
 from dydit_jax.train import loop
@@ -69,6 +70,17 @@ def stage_report(summary: dict[str, Any], workdir: epath.Path) -> dict[str, Any]
           "wall_time_s": summary["wall_time_s"], "final_metrics": {k: last[k] for k in keys if k in last}}
 
 
+def load_judge(config: ml_collections.ConfigDict, root: epath.Path, num_samples: int
+               ) -> tuple[DigitJudge, Statistics, dict[str, Any]]:
+  """The workdir's digit judge, the statistics of its held-out digits (the reference every sample set
+  is compared with) and its report: own accuracy, and the FD `num_samples` real digits score."""
+  judge = DigitJudge.load_or_train(root / "judge", JudgeSettings(steps=config.demo.judge_steps))
+  real = judge.real_digits()[0]
+  reference = judge.stats(real)
+  return judge, reference, {"held_out_accuracy": judge.held_out_accuracy, "held_out_digits": len(real),
+                            "real_baseline_fd": judge.real_baseline_fd(num_samples, reference)}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = time.time()
   root = epath.Path(workdir)
@@ -86,11 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   labels = class_labels(range(config.model.num_classes), s.per_class)
   options = SampleOptions(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale)
   key = jax.random.PRNGKey(s.seed)
-  judge = DigitJudge.load_or_train(root / "judge", JudgeSettings(steps=config.demo.judge_steps))
-  real = judge.real_digits()[0]
-  real_stats = judge.stats(real)
-  report["judge"] = {"held_out_accuracy": judge.held_out_accuracy, "held_out_digits": len(real),
-                     "real_baseline_fd": judge.real_baseline_fd(len(labels), real_stats)}
+  judge, real_stats, report["judge"] = load_judge(config, root, len(labels))
   models, results = {}, {}
   for name in ("dit", "dydit"):
     models[name] = checkpoints.load_model(str(root / name))

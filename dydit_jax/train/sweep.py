@@ -49,7 +49,7 @@ from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.errors import UserError
 from dydit_jax.evaluation.metrics import Statistics
 from dydit_jax.files import atomic_write_json
-from dydit_jax.judge import DigitJudge, JudgeSettings, frechet_from_stats, gaussian_stats
+from dydit_jax.judge import DigitJudge, frechet_from_stats, gaussian_stats
 from dydit_jax.sampler import SampleOptions, Sampler, SampleResult, class_labels
 from dydit_jax.train import demo, loop, sweep_report
 
@@ -181,11 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       logging.warning("sweep interrupted in stage %s; rerun the same command to continue", name)
       return {"preempted": True, "stage": name}
 
-  judge = DigitJudge.load_or_train(root / "judge", JudgeSettings(steps=config.demo.judge_steps))
-  real = judge.real_digits()[0]
-  reference = judge.stats(real)
-  judge_report = {"held_out_accuracy": judge.held_out_accuracy, "held_out_digits": len(real),
-                  "real_baseline_fd": judge.real_baseline_fd(config.sweep.num_samples, reference)}
+  judge, reference, judge_report = demo.load_judge(config, root, config.sweep.num_samples)
   (root / "eval").mkdir(parents=True, exist_ok=True)
   lams = {lam_name(lam): float(lam) for lam in config.sweep.lams}
   rows, sampled = [], 0
