@@ -30,8 +30,9 @@ _SETTINGS = ("PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "RUNTIME_VERSION
 # SIGTERM the way the real trainer checkpoints and exits.
 _TRAINER = """#!/usr/bin/env bash
 out="${STUB_OUT:-$HOME}/${DYDIT_PROCESS_ID:-run}"
-printf '%s\\n' "$@" > "$out.argv"
-env | grep '^DYDIT_\\|^FOO=' | sort > "$out.env"
+# Each file appears whole (written aside, then renamed): the test polls for them.
+printf '%s\\n' "$@" > "$out.argv.tmp" && mv "$out.argv.tmp" "$out.argv"
+env | grep '^DYDIT_\\|^FOO=' | sort > "$out.env.tmp" && mv "$out.env.tmp" "$out.env"
 trap 'echo stopped > "$out.stopped"; exit 0' TERM
 echo "trainer up"
 while :; do sleep 0.05; done
