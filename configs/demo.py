@@ -7,7 +7,7 @@ judge into the workdir, see dydit_jax/train/demo.py; wall times and scores in do
 
 Both grids show digits of their row's class: the project's digit judge (dydit_jax.judge) reads
 0.95-0.98 of the DiT's and 0.90-0.98 of the DyDiT's samples as their class (3 seeds, §5), at a
-measured MACs ratio of 0.51, in 7-8 minutes on 2 CPU cores.
+measured MACs ratio of 0.51, in 7-9 minutes on 2 CPU cores.
 
 Reduced demo for CI (checks the pipeline, not the pictures: a few steps of each stage at batch 16, a
 short judge; its samples are not digits):
