@@ -4,6 +4,7 @@
   judge.held_out_accuracy                                # on the digits it never saw
   judge.accuracy(samples, labels)                        # do class-conditional samples show their class?
   judge.frechet_distance(samples, real)                  # Frechet distance in the judge's feature space
+  judge.score(samples, labels, reference)                # both at once, against reference statistics
 
 Why the project owns one: a person looking at a PNG can tell speckle from digits, but a recipe search,
 a CI check or a lambda sweep needs numbers, and FID's Inception network neither fits a CPU budget
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,16 @@ def frechet_from_stats(a: Statistics, b: Statistics) -> float:
   return float(np.sum((a.mu - b.mu) ** 2) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace_root)
 
 
+class SampleScore(NamedTuple):
+  """How the judge reads a set of class-conditional samples. The per-sample parts (features,
+  correct) are kept so that a caller can resample them for the metrics' spread."""
+
+  class_accuracy: float
+  frechet_distance: float       # to the reference statistics
+  features: np.ndarray          # (N, FEATURES)
+  correct: np.ndarray           # (N,) bool: the judge's class equals the sample's label
+
+
 class DigitJudge:
   """A trained digit classifier with the metrics built on it (module docstring)."""
 
@@ -204,12 +216,23 @@ class DigitJudge:
     """(N, FEATURES) penultimate activations: the space of the Frechet distance."""
     return self._batched(self._features, images)
 
-  def accuracy(self, images, labels) -> float:
-    """Fraction of images the judge assigns to their label (class-conditional samples: their class)."""
+  def correct(self, images, labels) -> np.ndarray:
+    """(N,) bool: whether the judge assigns each image to its label."""
     labels = np.asarray(labels)
     if labels.shape != (len(images),):
-      raise UserError(f"accuracy needs one label per image: {len(images)} images, labels {labels.shape}")
-    return float(np.mean(self.predict(images) == labels))
+      raise UserError(f"the judge needs one label per image: {len(images)} images, labels {labels.shape}")
+    return self.predict(images) == labels
+
+  def accuracy(self, images, labels) -> float:
+    """Fraction of images the judge assigns to their label (class-conditional samples: their class)."""
+    return float(np.mean(self.correct(images, labels)))
+
+  def score(self, images, labels, reference: Statistics) -> SampleScore:
+    """Class accuracy and Frechet distance to `reference` (e.g. the held-out digits' statistics) of
+    class-conditional samples: the one way the demo and the sweep score a model."""
+    features, correct = self.features(images), self.correct(images, labels)
+    return SampleScore(float(np.mean(correct)), frechet_from_stats(gaussian_stats(features), reference),
+                       features, correct)
 
   def stats(self, images) -> Statistics:
     """Feature statistics, to compare one set of images with several others without recomputing."""

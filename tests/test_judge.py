@@ -35,6 +35,12 @@ def test_learns_digits_and_scores_noise_low(cached):
   assert judge.accuracy(noise, np.arange(100) % 10) < 0.3
   real_train = DigitJudge.real_digits(100, held_out=False)[0]
   assert judge.frechet_distance(real_train, x) < 0.5 * judge.frechet_distance(noise, x)
+  # score: the demo's and the sweep's reading of samples, the same numbers as the separate metrics.
+  noise_labels = np.arange(100) % 10
+  score = judge.score(noise, noise_labels, judge.stats(x))
+  assert score.class_accuracy == judge.accuracy(noise, noise_labels)
+  assert score.frechet_distance == pytest.approx(judge.frechet_distance(noise, x), rel=1e-9)
+  assert score.features.shape == (100, 64) and score.correct.sum() == round(100 * score.class_accuracy)
 
 
 def test_cache_round_trips_and_stale_cache_is_retrained(cached):

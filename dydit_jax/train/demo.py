@@ -34,7 +34,7 @@ from etils import epath
 from dydit_jax import checkpoints, images
 from dydit_jax.engine.plan import WidthPlan
 from dydit_jax.evaluation.metrics import Statistics
-from dydit_jax.judge import DigitJudge, JudgeSettings, frechet_from_stats
+from dydit_jax.judge import DigitJudge, JudgeSettings
 from dydit_jax.sampler import SampleOptions, Sampler, class_labels
 from dydit_jax.train import loop
 from dydit_jax.train.logging import read_metrics
@@ -105,8 +105,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results[name] = result = Sampler(models[name], options).generate(labels, key)
     if jax.process_index() == 0:
       images.save_grid(images.to_uint8(result.samples), root / f"samples_{name}.png", ncols=s.per_class)
-    report[name]["class_accuracy"] = judge.accuracy(result.samples, labels)
-    report[name]["frechet_distance"] = frechet_from_stats(judge.stats(result.samples), real_stats)
+    score = judge.score(result.samples, labels, real_stats)
+    report[name].update(class_accuracy=score.class_accuracy, frechet_distance=score.frechet_distance)
     logging.info("demo %s samples: class accuracy %.3f, Frechet distance %.1f (%d real digits: %.1f; "
                  "judge accuracy on held-back digits %.3f)", name, report[name]["class_accuracy"],
                  report[name]["frechet_distance"], len(labels), report["judge"]["real_baseline_fd"],

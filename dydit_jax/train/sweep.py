@@ -129,9 +129,8 @@ def evaluate(config, name: str, lam: float | None, model, sampler_name: str, jud
                                                         jax.random.PRNGKey(config.sample.seed), s.batch)
   weights = np.array([len(r.samples) for r in results], np.float64)
   mean = lambda values: float(np.average(values, weights=weights))
-  features = judge.features(samples)
-  correct = judge.predict(samples) == labels
-  fd_spread, acc_spread = spread(features, correct, reference, s.bootstrap)
+  score = judge.score(samples, labels, reference)
+  fd_spread, acc_spread = spread(score.features, score.correct, reference, s.bootstrap)
   if jax.process_index() == 0:
     per_class = s.num_samples // config.model.num_classes
     cols = min(s.grid_per_class, per_class)
@@ -143,8 +142,8 @@ def evaluate(config, name: str, lam: float | None, model, sampler_name: str, jud
           "options": dataclasses.asdict(options), "num_samples": len(samples),
           "flops_ratio": mean([r.flops_ratio for r in results]),
           "macs_ratio": mean([r.macs_ratio for r in results]),
-          "class_accuracy": float(np.mean(correct)), "accuracy_spread": acc_spread,
-          "frechet_distance": frechet_from_stats(gaussian_stats(features), reference), "fd_spread": fd_spread,
+          "class_accuracy": score.class_accuracy, "accuracy_spread": acc_spread,
+          "frechet_distance": score.frechet_distance, "fd_spread": fd_spread,
           "seconds": seconds, "images_per_s": len(samples) / seconds, "compile_s": compile_s}
 
 
